@@ -1,0 +1,1 @@
+"""Data: WebDataset tar shards through grain, CLIP preprocessing, labels from captions."""
