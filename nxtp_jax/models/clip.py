@@ -1,0 +1,122 @@
+"""OpenAI CLIP ViT image encoder, in OpenAI's parameter layout.
+
+Differences from CLIP's own visual tower, all from the paper:
+- `ln_post` is applied to every token, not only CLS;
+- CLIP's `proj` is replaced by a new bias-free projection to the decoder width.
+
+Parameter names follow OpenAI's state dict (`conv1`, `class_embedding`,
+`transformer/resblocks_{i}/attn/in_proj`, ...), so the importer is a table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nxtp_jax.models.config import VisionConfig
+from nxtp_jax.models.layers import LayerNorm, dense, param_with_axes
+
+
+class Attention(nn.Module):
+    """torch.nn.MultiheadAttention: a fused `in_proj` [W, 3W] and an `out_proj`."""
+
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, w = x.shape
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = dense(3 * w, ("vit_embed", "vit_qkv"), name="in_proj", **kw)(x)
+        q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.heads, w // self.heads), 3, axis=2)
+        o = jax.nn.dot_product_attention(q, k, v)
+        return dense(w, ("vit_heads", "vit_embed"), name="out_proj", **kw)(o.reshape(b, t, w))
+
+
+class MLP(nn.Module):
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = x.shape[-1]
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(4 * w, ("vit_embed", "vit_mlp"), name="c_fc", **kw)(x)
+        h = h * jax.nn.sigmoid(1.702 * h)  # QuickGELU, as OpenAI trained it
+        return dense(w, ("vit_mlp", "vit_embed"), name="c_proj", **kw)(h)
+
+
+class ResidualAttentionBlock(nn.Module):
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x + Attention(self.heads, name="attn", **kw)(LayerNorm(name="ln_1")(x).astype(self.dtype))
+        return x + MLP(name="mlp", **kw)(LayerNorm(name="ln_2")(x).astype(self.dtype))
+
+
+class Transformer(nn.Module):
+    layers: int
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.layers):
+            x = ResidualAttentionBlock(self.heads, self.dtype, self.param_dtype, name=f"resblocks_{i}")(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """Images [B, R, R, 3] (normalised, channels last) -> tokens [B, 1 + N, out_dim], CLS first."""
+
+    config: VisionConfig
+    out_dim: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.config
+        w, p = cfg.width, cfg.patch_size
+        scale = w**-0.5
+        x = nn.Conv(
+            w,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "vit_embed")
+            ),
+            name="conv1",
+        )(images.astype(self.dtype))
+        b = x.shape[0]
+        x = x.reshape(b, -1, w)
+
+        cls = param_with_axes(self, "class_embedding", nn.initializers.normal(scale), (w,), ("vit_embed",))
+        pos = param_with_axes(
+            self, "positional_embedding", nn.initializers.normal(scale), (cfg.num_patches + 1, w), ("vit_pos", "vit_embed")
+        )
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, w)), x], axis=1)
+        x = LayerNorm(name="ln_pre")(x + pos.astype(x.dtype)).astype(self.dtype)
+        x = Transformer(cfg.layers, cfg.heads, self.dtype, self.param_dtype, name="transformer")(x)
+        x = LayerNorm(name="ln_post")(x).astype(self.dtype)
+        return dense(
+            self.out_dim,
+            ("vit_embed", "embed"),
+            kernel_init=nn.initializers.normal(scale),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="proj",
+        )(x)

@@ -1,0 +1,82 @@
+"""Device mesh, logical-axis rules, and sharded initialisation.
+
+Parameters carry logical axis names; `rules` map each name to a mesh axis (or None
+for replication). A logical name with no rule is an error, never a silent
+replication.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# FSDP over the model width, tensor parallelism over heads / MLP / vocabulary.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vit_embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("vit_qkv", "tensor"),
+    ("vit_heads", "tensor"),
+    ("vit_mlp", "tensor"),
+    ("vit_pos", None),
+    ("norm", None),
+    ("patch_h", None),
+    ("patch_w", None),
+    ("channels", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. `shape` sizes may use -1 once for "all remaining devices"."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = dict(data=-1, fsdp=1, tensor=1) if shape is None else {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    sizes = {a: (len(devices) // known if s == -1 else s) for a, s in sizes.items()}
+    if int(np.prod(list(sizes.values()))) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, found {len(devices)}")
+    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+def check_rules(logical_specs: Any, rules: Sequence[tuple[str, Any]]) -> None:
+    known = {name for name, _ in rules}
+    missing = set()
+    for spec in jax.tree_util.tree_leaves(logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)):
+        if isinstance(spec, PartitionSpec):
+            missing |= {a for a in spec if a is not None and a not in known}
+    if missing:
+        raise ValueError(f"no sharding rule for logical axes {sorted(missing)}; add them to the config's logical_axis_rules")
+
+
+def param_shardings(abstract_variables: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for the (unboxed) variables that `abstract_variables` (boxed, from eval_shape) describes."""
+    specs = nn.get_partition_spec(abstract_variables)
+    check_rules(specs, rules)
+    return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
+
+
+def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """Runs `init_fn(rng)` (a Flax `init` returning boxed variables) straight into its shardings.
+
+    `eval_shape` first, then one jit with out_shardings: the full model never sits
+    on one device and is never materialised in another dtype first.
+    """
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = param_shardings(abstract, mesh, rules)
+    return jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
