@@ -1,0 +1,60 @@
+"""Attention masks over the full decoder sequence [N image tokens][text] (True = may attend).
+
+`label_mask` is the training mask of SPEC §3: causal, a bidirectional image block, every column
+after the answer position `a` closed, and each label reopened as its own lower-triangular
+block (B_1 = [a, d_1], B_j = [d_{j-1}+1, d_j]). It is built from per-position block starts
+found with cumulative maxima, so it needs no loop over delimiters and each sample keeps its
+own answer position and label count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def prefix_mask(num_image_tokens: int, length: int) -> jax.Array:
+    """bool [1, 1, T, T]: causal, plus the image block [0, N) x [0, N) open both ways."""
+    pos = jnp.arange(length)
+    row, col = pos[:, None], pos[None, :]
+    mask = (col <= row) | ((row < num_image_tokens) & (col < num_image_tokens))
+    return mask[None, None]
+
+
+def label_mask(
+    tokens: jax.Array, answer_pos: jax.Array, *, delimiter_id: int, num_image_tokens: int
+) -> jax.Array:
+    """bool [B, 1, N+L, N+L] training mask for text `tokens` [B, L] (pad -1) and `answer_pos` [B].
+
+    `answer_pos` indexes `tokens` (the last prompt token); delimiters count only after it.
+    """
+    tokens = jnp.asarray(tokens)
+    answer_pos = jnp.asarray(answer_pos)
+    if tokens.ndim != 2 or answer_pos.shape != tokens.shape[:1]:
+        raise ValueError(
+            f"expected tokens [B, L] and answer_pos [B], found {tokens.shape} and "
+            f"{answer_pos.shape}; pass one answer position per sample"
+        )
+    n = num_image_tokens
+    batch, text_len = tokens.shape
+    length = n + text_len
+    pos = jnp.arange(length)
+    a = (answer_pos.astype(jnp.int32) + n)[:, None]  # [B, 1], in full-sequence coordinates
+
+    is_delim = (tokens == delimiter_id) & (pos[None, n:] > a)
+    is_delim = jnp.concatenate([jnp.zeros((batch, n), dtype=bool), is_delim], axis=1)  # [B, T]
+
+    # Block start of a row = one past the closest delimiter strictly before it, else a.
+    after_delim = jnp.where(is_delim, pos[None, :] + 1, a)
+    start = jax.lax.cummax(jnp.concatenate([a, after_delim[:, :-1]], axis=1), axis=1)
+    # A row is inside a label block if it is at or after a and some delimiter is at or after it.
+    delim_ahead = jax.lax.cummax(is_delim.astype(jnp.int32), axis=1, reverse=True) > 0
+    in_block = (pos[None, :] >= a) & delim_ahead
+
+    row = pos[None, :, None]
+    col = pos[None, None, :]
+    causal = col <= row
+    image_block = (row < n) & (col < n)
+    prompt_cols = causal & (col <= a[:, :, None])
+    label_block = in_block[:, :, None] & causal & (col >= start[:, :, None])
+    return (image_block | prompt_cols | label_block)[:, None]
