@@ -1,0 +1,111 @@
+"""The public API: load a checkpoint, tag images, score labels.
+
+    tagger = Tagger.load("ckpt_dir")
+    tagger.predict(["cat.jpg"], num_labels=10)   # [[("cat", 0.61), ("sofa", 0.12), ...]]
+    tagger.loss(["cat.jpg"], [["cat", "sofa"]])  # the training objective, as a float
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nxtp_jax import checkpoint, mask, objective, prompts, ranking, sampling
+from nxtp_jax.data import preprocess
+from nxtp_jax.models.recognizer import Recognizer
+from nxtp_jax.tokenizer import Tokenizer
+
+MAX_SEQ_LEN = 512  # image tokens + text, as the released models were trained
+
+
+def default_dtype() -> Any:
+    """bf16 compute on accelerators, fp32 on CPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+class Tagger:
+    def __init__(self, model: Recognizer, params: Any, tokenizer: Tokenizer, *, batch_size: int = 8):
+        self.model = model
+        self.params = params
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.image_size = model.config.vision.image_size
+        self.prompt = jnp.asarray(prompts.inference_prompt(tokenizer))
+
+    @classmethod
+    def load(cls, ckpt_dir: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, mesh=None, **kw) -> "Tagger":
+        """Loads a checkpoint directory written by `convert/from_torch.py` or by training."""
+        config = checkpoint.load_config(ckpt_dir)
+        tok = Tokenizer(checkpoint.tokenizer_path(ckpt_dir))
+        if (tok.image_id, tok.empty_id) != (config.special_tokens.image, config.special_tokens.empty):
+            raise ValueError(
+                f"{ckpt_dir}: config.json says <|image|>={config.special_tokens.image}, <|empty|>="
+                f"{config.special_tokens.empty}, but its tokenizer.model gives {tok.image_id}, {tok.empty_id}"
+            )
+        model = Recognizer(config, dtype=dtype or default_dtype(), param_dtype=param_dtype)
+        params = checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model, mesh))
+        return cls(model, params, tok, **kw)
+
+    def preprocess(self, images: Sequence[Any]) -> np.ndarray:
+        """Paths, PIL images or uint8 arrays -> CLIP-normalised float32 [B, R, R, 3]."""
+        return np.stack([preprocess.preprocess(img, self.image_size) for img in images])
+
+    def _batches(self, images: Sequence[Any]):
+        for i in range(0, len(images), self.batch_size):
+            yield self.preprocess(images[i : i + self.batch_size])
+
+    def predict(
+        self,
+        images: Sequence[Any],
+        num_labels: int = 10,
+        *,
+        ranking_method: str = "prob",
+    ) -> list[list[tuple[str, float]]]:
+        """Per image, at most `num_labels` (label, score) pairs, best first (one-shot sampling)."""
+        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+            raise TypeError("expected a sequence of images; wrap a single image in a list")
+        tok = self.tokenizer
+        results = []
+        for batch in self._batches(list(images)):
+            tokens, probs = sampling.one_shot(
+                self.model, self.params, jnp.asarray(batch), self.prompt, k=num_labels, delimiter_id=tok.delimiter_id
+            )
+            tokens, probs = np.asarray(tokens), np.asarray(probs)
+            sim = ranking_method == "sim"
+            image_tokens = self.image_tokens(batch) if sim else [None] * len(batch)
+            table = self.embeddings() if sim else None
+            for t, p, img in zip(tokens, probs, image_tokens):
+                groups = ranking.groups_from_branches(t, p, tok.delimiter_id)
+                results.append(ranking.rank(groups, tok, ranking_method, image_tokens=img, embeddings=table)[:num_labels])
+        return results
+
+    def image_tokens(self, batch: np.ndarray) -> np.ndarray:
+        """Projected image tokens [B, N, D] (as the decoder sees them)."""
+        out = self.model.apply({"params": self.params}, jnp.asarray(batch), method=Recognizer.encode_images)
+        return np.asarray(out, np.float32)
+
+    def embeddings(self) -> np.ndarray:
+        return np.asarray(self.params["language_decoder"]["tok_embeddings"]["embedding"], np.float32)
+
+    def loss(self, images: Sequence[Any], labels: Sequence[Sequence[str]], *, max_seq_len: int = MAX_SEQ_LEN) -> float:
+        """The training objective on one batch: first template, labels in the given order, token mean."""
+        if len(images) != len(labels):
+            raise ValueError(f"expected one label list per image, found {len(images)} images and {len(labels)} label lists")
+        n = self.model.config.vision.num_patches
+        text = prompts.object_batch(
+            self.tokenizer, labels, max_text_len=max_seq_len - n, template=prompts.OBJECT_TEMPLATES[0], rng=None
+        )
+        images = jnp.asarray(self.preprocess(images))
+        return float(_loss(self.model, self.params, images, text.tokens, text.targets, text.answer_pos, self.tokenizer.delimiter_id))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "delimiter_id"))
+def _loss(model, params, images, tokens, targets, answer_pos, delimiter_id):
+    m = mask.label_mask(tokens, answer_pos, delimiter_id=delimiter_id, num_image_tokens=model.config.vision.num_patches)
+    logits = model.apply({"params": params}, images, tokens, m)
+    return objective.token_mean_cross_entropy(logits, targets)
