@@ -1,0 +1,78 @@
+"""Check WebDataset shards: `python -m nxtp_jax.data.check PATH [PATH ...]`.
+
+Every sample is read and its image fully decoded, as training would. Prints each shard's
+count of valid samples and every problem (member, kind, reason), then a total line
+`valid=N skipped=M shards=S`. Exits 1 if a shard could not be opened, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence, TextIO
+
+from nxtp_jax.data.registry import find_shards
+from nxtp_jax.data.samples import RawSample, Skip, decode_sample
+from nxtp_jax.data.tar import ShardOpenError, TarFormatError, iter_groups, open_shard, read_bytes
+
+
+def check_shard(shard: str) -> tuple[int, list[Skip]]:
+    """(valid sample count, problems) of one shard; raises ShardOpenError if it cannot be opened."""
+    fd, size = open_shard(shard)
+    valid, problems = 0, []
+    try:
+        for group in iter_groups(fd, size):
+            if isinstance(group, TarFormatError):
+                raw = RawSample("", shard, {}, problem=(group.kind, group.member or f"@{group.offset}", str(group)))
+            else:
+                try:
+                    members = {ext: read_bytes(fd, m) for ext, m in group.members.items()}
+                    raw = RawSample(group.key, shard, members)
+                except TarFormatError as e:
+                    raw = RawSample(group.key, shard, {}, problem=(e.kind, e.member, str(e)))
+            result = decode_sample(raw, image_size=None, label_source="none")
+            if isinstance(result, Skip):
+                problems.append(result)
+            else:
+                valid += 1
+    finally:
+        os.close(fd)
+    return valid, problems
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nxtp_jax.data.check",
+        description="Check WebDataset tar shards for samples that training would skip.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="a .tar shard or a directory of them")
+    args = parser.parse_args(argv)
+    total_valid = total_skipped = num_shards = 0
+    ok = True
+    for path in args.paths:
+        try:
+            shards = find_shards(path)
+        except FileNotFoundError as e:
+            print(f"{path}: cannot open: {e}", file=out)
+            ok = False
+            continue
+        for shard in shards:
+            num_shards += 1
+            try:
+                valid, problems = check_shard(shard)
+            except ShardOpenError as e:
+                print(f"{shard}: cannot open: {e}", file=out)
+                ok = False
+                continue
+            print(f"{shard}: valid={valid} skipped={len(problems)}", file=out)
+            for p in problems:
+                print(f"  {p.where}: {p.kind}: {p.message}", file=out)
+            total_valid += valid
+            total_skipped += len(problems)
+    print(f"valid={total_valid} skipped={total_skipped} shards={num_shards}", file=out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Dataset names to shard lists: a registry `name -> {"root", "length"}` kept in the config."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+
+def find_shards(path: str | os.PathLike) -> list[str]:
+    """A `.tar` file itself, or every `*.tar` under a directory (recursively, sorted)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"expected a .tar shard or a directory of them, found nothing at {path!r}")
+    shards = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(path, followlinks=True)
+        for name in names
+        if name.endswith(".tar")
+    )
+    if not shards:
+        raise FileNotFoundError(f"expected *.tar shards under {path!r}, found none; see docs/data.md to pack some")
+    return shards
+
+
+def _names(names: str | Sequence[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _entry(name: str, registry: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any]:
+    key = name.lower()
+    if key not in registry:
+        raise KeyError(f"unknown dataset {name!r}; expected one of {sorted(registry)} (add it to the config's registry)")
+    entry = registry[key]
+    if "root" not in entry or "length" not in entry:
+        raise ValueError(f'registry entry {name!r} must have "root" and "length", found {dict(entry)}')
+    return entry
+
+
+def resolve_shards(
+    names: str | Sequence[str], data_root: str | os.PathLike, registry: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """All shards of the named datasets (mixed in one list), under `data_root/<root>`."""
+    shards: list[str] = []
+    for name in _names(names):
+        root = os.path.join(os.fspath(data_root), _entry(name, registry)["root"])
+        if not os.path.isdir(root):
+            raise FileNotFoundError(
+                f"dataset {name!r}: expected a directory of *.tar shards at {root!r}, found none; "
+                "check data_root, or pack the dataset as described in docs/data.md"
+            )
+        shards.extend(find_shards(root))
+    return shards
+
+
+def total_length(names: str | Sequence[str], registry: Mapping[str, Mapping[str, Any]]) -> int:
+    """Number of samples of the named datasets together, as the registry states it."""
+    return sum(int(_entry(name, registry)["length"]) for name in _names(names))

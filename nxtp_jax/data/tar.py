@@ -1,0 +1,251 @@
+"""Reading WebDataset tar shards by offset: member headers, grouping members into samples.
+
+Every read is an `os.pread` on a descriptor the caller owns, so several threads or
+processes can read one shard without sharing a file position. Nothing is indexed ahead of
+time: a caller walks a shard sample by sample from a byte offset, and that offset (plus a
+sample counter) is all the state needed to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator
+
+BLOCK = 512
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXT = "txt"
+JSON_EXT = "json"
+_USED_EXTS = frozenset(IMAGE_EXTS + (CAPTION_EXT, JSON_EXT))
+_REGULAR_TYPES = (b"0", b"\0", b"7")
+_LONGNAME_TYPES = (b"L",)
+_PAX_TYPES = (b"x",)
+_SKIPPED_TYPES = (b"g", b"K", b"1", b"2", b"3", b"4", b"5", b"6")
+
+
+class ShardOpenError(OSError):
+    """A shard that cannot be opened at all."""
+
+
+class TarFormatError(Exception):
+    """The tar stream is broken at `offset`; nothing after it can be trusted."""
+
+    def __init__(self, kind: str, offset: int, message: str, member: str = ""):
+        super().__init__(message)
+        self.kind = kind
+        self.offset = offset
+        self.member = member
+
+
+@dataclasses.dataclass(frozen=True)
+class TarMember:
+    """A regular file in a tar stream; `header_offset` is where its header chain starts."""
+
+    name: str
+    header_offset: int
+    data_offset: int
+    size: int
+
+    @property
+    def next_offset(self) -> int:
+        return self.data_offset + _round_up(self.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleGroup:
+    """Consecutive members sharing one key; `members` maps extension -> member (first wins)."""
+
+    key: str
+    index: int
+    members: dict[str, TarMember]
+    next_offset: int
+
+
+def open_shard(path: str) -> tuple[int, int]:
+    """Open a shard read-only; returns (fd, size). Raises ShardOpenError naming the shard."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise ShardOpenError(
+            e.errno, f"cannot open shard {path!r}: {e.strerror}; check the path and permissions"
+        ) from e
+    return fd, os.fstat(fd).st_size
+
+
+def _round_up(n: int) -> int:
+    return (n + BLOCK - 1) // BLOCK * BLOCK
+
+
+def _parse_number(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for sizes above 8 GiB
+        value = field[0] & 0x3F
+        for b in field[1:]:
+            value = value << 8 | b
+        return value
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _checksum_ok(block: bytes) -> bool:
+    try:
+        stored = _parse_number(block[148:156])
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    return stored == unsigned
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= 0:
+            raise ValueError("pax record length must be positive")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8")
+        pos += length
+    return records
+
+
+def read_member(fd: int, offset: int, file_size: int) -> TarMember | None:
+    """The next regular file at or after `offset`, or None at the end of the archive.
+
+    Directories, links and global headers are stepped over; GNU long names and pax
+    `path`/`size` records apply to the member that follows them.
+    """
+    start = offset
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        block = os.pread(fd, BLOCK, offset)
+        if len(block) == 0:
+            return None  # archive without end-of-archive blocks: tolerated, as GNU tar does
+        if len(block) < BLOCK:
+            raise TarFormatError(
+                "truncated_tar", offset, f"tar header at byte {offset} is cut short by the end of the file"
+            )
+        if block == b"\0" * BLOCK:
+            return None
+        if not _checksum_ok(block):
+            raise TarFormatError("corrupt_tar", offset, f"tar header at byte {offset} has a bad checksum")
+        try:
+            size = _parse_number(block[124:136])
+        except ValueError:
+            raise TarFormatError("corrupt_tar", offset, f"tar header at byte {offset} has an unreadable size")
+        name = block[0:100].split(b"\0", 1)[0]
+        if block[257:263] == b"ustar\0":
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        typeflag = block[156:157]
+        data_offset = offset + BLOCK
+        if data_offset + size > file_size:
+            member_name = name.decode("utf-8", "replace")
+            raise TarFormatError(
+                "truncated_tar",
+                offset,
+                f"member {member_name!r} claims {size} bytes at byte {data_offset}, past the end "
+                f"of the file ({file_size} bytes)",
+                member=member_name,
+            )
+        if typeflag in _LONGNAME_TYPES or typeflag in _PAX_TYPES:
+            payload = os.pread(fd, size, data_offset)
+            if typeflag in _LONGNAME_TYPES:
+                long_name = payload.split(b"\0", 1)[0].decode("utf-8", "replace")
+            else:
+                try:
+                    pax.update(_parse_pax(payload))
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise TarFormatError("corrupt_tar", offset, f"pax header at byte {offset} is unreadable: {e}")
+            offset = data_offset + _round_up(size)
+            continue
+        if typeflag in _REGULAR_TYPES:
+            if "size" in pax:
+                size = int(pax["size"])
+            member_name = pax.get("path") or long_name or name.decode("utf-8", "replace")
+            if data_offset + size > file_size:
+                raise TarFormatError(
+                    "truncated_tar",
+                    offset,
+                    f"member {member_name!r} claims {size} bytes, past the end of the file",
+                    member=member_name,
+                )
+            return TarMember(member_name, start, data_offset, size)
+        if typeflag not in _SKIPPED_TYPES:
+            raise TarFormatError("corrupt_tar", offset, f"tar header at byte {offset} has unknown type {typeflag!r}")
+        offset = data_offset + _round_up(size)
+        start = offset
+        long_name, pax = None, {}
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """WebDataset naming: 'dir/base.ext.more' -> ('dir/base', 'ext.more'); None if no extension."""
+    if name.startswith("./"):
+        name = name[2:]
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem or not ext:
+        return None
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def read_group(fd: int, offset: int, file_size: int, index: int) -> SampleGroup | None:
+    """The sample whose first member header is at `offset`; None at the end of the archive.
+
+    A sample ends where a member with another key begins. If the stream breaks after
+    complete members of this sample, the sample is returned and the error is raised by the
+    next call (at `next_offset`); if the break cuts one of this sample's members, the error
+    is raised now.
+    """
+    key: str | None = None
+    members: dict[str, TarMember] = {}
+    while True:
+        try:
+            member = read_member(fd, offset, file_size)
+        except TarFormatError as e:
+            if key is None or (e.member and (split_key(e.member) or ("",))[0] == key):
+                raise
+            return SampleGroup(key, index, members, offset)
+        if member is None:
+            break
+        parts = split_key(member.name)
+        if parts is None:
+            offset = member.next_offset
+            continue
+        member_key, ext = parts
+        if key is None:
+            key = member_key
+        elif member_key != key:
+            return SampleGroup(key, index, members, member.header_offset)
+        if ext in _USED_EXTS:
+            members.setdefault(ext, member)
+        offset = member.next_offset
+    if key is None:
+        return None
+    return SampleGroup(key, index, members, offset)
+
+
+def read_bytes(fd: int, member: TarMember) -> bytes:
+    data = os.pread(fd, member.size, member.data_offset)
+    if len(data) != member.size:
+        raise TarFormatError(
+            "truncated_tar", member.header_offset, f"member {member.name!r} is cut short", member=member.name
+        )
+    return data
+
+
+def iter_groups(fd: int, file_size: int) -> Iterator[SampleGroup | TarFormatError]:
+    """Every sample of a shard in order; a broken stream ends with its TarFormatError."""
+    offset, index = 0, 0
+    while True:
+        try:
+            group = read_group(fd, offset, file_size, index)
+        except TarFormatError as e:
+            yield e
+            return
+        if group is None:
+            return
+        yield group
+        offset, index = group.next_offset, index + 1

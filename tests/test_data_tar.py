@@ -1,0 +1,149 @@
+"""Tar reading by offset: member headers in every tar flavour, grouping members into samples."""
+
+import io
+import os
+import tarfile
+
+import pytest
+
+from nxtp_jax.data import tar as T
+
+
+def make_tar(path, members, fmt=tarfile.PAX_FORMAT, dirs=()):
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def groups(path):
+    fd, size = T.open_shard(path)
+    try:
+        return list(T.iter_groups(fd, size))
+    finally:
+        os.close(fd)
+
+
+def contents(path, group):
+    fd, _ = T.open_shard(path)
+    try:
+        return {ext: T.read_bytes(fd, m) for ext, m in group.members.items()}
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_members_sharing_a_key_form_one_sample(tmp_path, fmt):
+    path = make_tar(
+        tmp_path / "a.tar",
+        [
+            ("a.jpg", b"img-a"),
+            ("a.txt", b"cap-a"),
+            ("a.json", b"{}"),
+            ("b.txt", b"cap-b"),
+            ("b.png", b"img-b" * 300),  # spans several blocks
+            ("c.seg.png", b"ignored ext"),
+            ("c.txt", b"cap-c"),
+        ],
+        fmt=fmt,
+    )
+    got = groups(path)
+    assert [g.key for g in got] == ["a", "b", "c"]
+    assert [g.index for g in got] == [0, 1, 2]
+    assert contents(path, got[0]) == {"jpg": b"img-a", "txt": b"cap-a", "json": b"{}"}
+    assert contents(path, got[1]) == {"txt": b"cap-b", "png": b"img-b" * 300}
+    assert contents(path, got[2]) == {"txt": b"cap-c"}  # "seg.png" is not an image of the sample
+
+
+def test_long_names_gnu_and_pax_and_prefix(tmp_path):
+    long_dir = "d" * 120
+    names = [(f"{long_dir}/x.jpg", b"1"), (f"{long_dir}/x.txt", b"2"), ("ünï/ç.txt", b"3")]
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = make_tar(tmp_path / f"long{fmt}.tar", names, fmt=fmt)
+        got = groups(path)
+        assert [g.key for g in got] == [f"{long_dir}/x", "ünï/ç"]
+        assert contents(path, got[0]) == {"jpg": b"1", "txt": b"2"}
+    # ustar splits a long path into prefix + name
+    path = make_tar(tmp_path / "ustar.tar", [(f"{'p' * 110}/y.txt", b"4")], fmt=tarfile.USTAR_FORMAT)
+    assert [g.key for g in groups(path)] == [f"{'p' * 110}/y"]
+
+
+def test_directories_and_extensionless_members_are_stepped_over(tmp_path):
+    path = make_tar(
+        tmp_path / "d.tar",
+        [("00000/k1.jpg", b"a"), ("00000/k1.txt", b"b"), ("README", b"x"), ("00000/.hidden", b"h"), ("00000/k2.TXT", b"c")],
+        dirs=("00000",),
+    )
+    got = groups(path)
+    assert [g.key for g in got] == ["00000/k1", "00000/k2"]
+    assert contents(path, got[1]) == {"txt": b"c"}  # extensions are case-insensitive
+
+
+def test_same_key_again_later_is_a_new_sample(tmp_path):
+    path = make_tar(tmp_path / "r.tar", [("a.jpg", b"1"), ("b.txt", b"2"), ("a.txt", b"3")])
+    assert [g.key for g in groups(path)] == ["a", "b", "a"]
+
+
+def test_split_key():
+    assert T.split_key("dir/sub/000123.jpg") == ("dir/sub/000123", "jpg")
+    assert T.split_key("./x.tar.gz") == ("x", "tar.gz")
+    assert T.split_key("x.JPG") == ("x", "jpg")
+    assert T.split_key("noext") is None
+    assert T.split_key("dir/.hidden") is None
+    assert T.split_key("a.b/c") is None
+
+
+def test_corrupt_header_keeps_earlier_samples_then_reports(tmp_path):
+    path = make_tar(tmp_path / "c.tar", [("a.jpg", b"1"), ("a.txt", b"2"), ("b.jpg", b"3"), ("b.txt", b"4")])
+    raw = bytearray(open(path, "rb").read())
+    third_header = 4 * 512  # a.jpg hdr+data, a.txt hdr+data
+    assert raw[third_header : third_header + 5] == b"b.jpg"
+    raw[third_header + 148] ^= 0x07  # checksum field
+    open(path, "wb").write(bytes(raw))
+    got = groups(path)
+    assert [g.key for g in got[:1]] == ["a"]
+    assert isinstance(got[1], T.TarFormatError) and got[1].kind == "corrupt_tar"
+    assert len(got) == 2
+
+
+def test_truncated_file(tmp_path):
+    path = make_tar(tmp_path / "t.tar", [("a.jpg", b"1"), ("a.txt", b"2"), ("b.jpg", b"3" * 5000), ("b.txt", b"4")])
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: 4 * 512 + 512 + 1000])  # cut inside b.jpg's data
+    got = groups(path)
+    assert got[0].key == "a"
+    assert isinstance(got[1], T.TarFormatError) and got[1].kind == "truncated_tar"
+    assert got[1].member == "b.jpg"
+    assert len(got) == 2
+
+
+def test_missing_end_blocks_is_tolerated(tmp_path):
+    path = make_tar(tmp_path / "e.tar", [("a.jpg", b"1"), ("a.txt", b"2")])
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: 4 * 512])
+    assert [g.key for g in groups(path)] == ["a"]
+
+
+def test_empty_file_and_unopenable_shard(tmp_path):
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    assert groups(str(empty)) == []
+    with pytest.raises(T.ShardOpenError, match="nope.tar"):
+        T.open_shard(str(tmp_path / "nope.tar"))
+
+
+def test_resume_from_offset(tmp_path):
+    path = make_tar(tmp_path / "o.tar", [(f"k{i}.txt", str(i).encode()) for i in range(5)])
+    fd, size = T.open_shard(path)
+    try:
+        first = T.read_group(fd, 0, size, 0)
+        second = T.read_group(fd, first.next_offset, size, 1)
+        assert (first.key, second.key, second.index) == ("k0", "k1", 1)
+    finally:
+        os.close(fd)
