@@ -27,7 +27,8 @@ from nxtp_jax.models.recognizer import Recognizer
 MAX_UPDATES = 20
 
 
-def _prefix(model: Recognizer, params, images: jax.Array, prompt: jax.Array) -> jax.Array:
+def prefix_embeddings(model: Recognizer, params, images: jax.Array, prompt: jax.Array) -> jax.Array:
+    """Image tokens followed by the prompt's embeddings, [B, N + P, D]."""
     variables = {"params": params}
     img = model.apply(variables, images, method=Recognizer.encode_images)
     txt = model.apply(variables, prompt[None], method=Recognizer.embed).astype(img.dtype)
@@ -62,7 +63,7 @@ def one_shot(
     """
     cfg = model.config
     n = cfg.vision.num_patches
-    h = _prefix(model, params, images, prompt)
+    h = prefix_embeddings(model, params, images, prompt)
     b, t0, _ = h.shape
     sampled = max_updates - 1  # tokens per branch, the top-k one included
     fed = sampled - 1  # the last sampled token is never fed back
@@ -122,7 +123,7 @@ def one_shot_recompute(
 
     Each sequence length compiles once; callers that time it should warm it up first.
     """
-    h = _prefix(model, params, jnp.asarray(images), jnp.asarray(prompt))
+    h = prefix_embeddings(model, params, jnp.asarray(images), jnp.asarray(prompt))
     b = h.shape[0]
     first_probs, first = jax.lax.top_k(_recompute_step(model, params, h), k)
     h = jnp.repeat(h, k, axis=0)  # k copies of the prefix, as the original

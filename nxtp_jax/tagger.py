@@ -89,6 +89,12 @@ class Tagger:
         out = self.model.apply({"params": self.params}, jnp.asarray(batch), method=Recognizer.encode_images)
         return np.asarray(out, np.float32)
 
+    def attention_maps(self, image: Any) -> np.ndarray:
+        """Image-to-image attention of the prefix pass, [layers, heads, N, N] (row = query token)."""
+        n = self.model.config.vision.num_patches
+        weights = _prefix_attention(self.model, self.params, jnp.asarray(self.preprocess([image])), self.prompt)
+        return np.stack([np.asarray(w[0, :, :n, :n]) for w in weights])
+
     def embeddings(self) -> np.ndarray:
         return np.asarray(self.params["language_decoder"]["tok_embeddings"]["embedding"], np.float32)
 
@@ -109,3 +115,15 @@ def _loss(model, params, images, tokens, targets, answer_pos, delimiter_id):
     m = mask.label_mask(tokens, answer_pos, delimiter_id=delimiter_id, num_image_tokens=model.config.vision.num_patches)
     logits = model.apply({"params": params}, images, tokens, m)
     return objective.token_mean_cross_entropy(logits, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _prefix_attention(model, params, images, prompt):
+    h = sampling.prefix_embeddings(model, params, images, prompt)
+    n, t = model.config.vision.num_patches, h.shape[1]
+    _, state = model.apply(
+        {"params": params}, h, jnp.arange(t)[None], mask.prefix_mask(n, t), None, 0, True,
+        method=Recognizer.decode, mutable=["intermediates"],
+    )
+    layers = state["intermediates"]["language_decoder"]
+    return [layers[f"layers_{i}"]["attention"]["attention_weights"][0] for i in range(model.config.decoder.layers)]

@@ -1,0 +1,101 @@
+"""Tag images from the command line.
+
+    python -m nxtp_jax.infer --ckpt=DIR --num_labels=20 [--json] IMAGE [IMAGE ...]
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory (from convert/from_torch.py or training).", required=True)
+NUM_LABELS = flags.DEFINE_integer("num_labels", 10, "k of the one-shot sampling: labels per image.")
+JSON = flags.DEFINE_bool("json", False, "Print JSON instead of the original's text lines.")
+RANKING = flags.DEFINE_enum("ranking", "prob", ["prob", "ppl", "sim", "none"], "How labels are ranked.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+ATTENTION_DIR = flags.DEFINE_string(
+    "save_attention_maps", None, "Directory for per-layer/per-head image-token attention grids (PNG)."
+)
+
+
+def format_text(path: str, labels: Sequence[tuple[str, float]], k: int) -> str:
+    lines = [f"image: {path}", f"top-{k} predictions:"]
+    lines += [f"| prob: {prob:.5f} - {label}" for label, prob in labels]
+    return "\n".join(lines)
+
+
+def format_json(paths: Sequence[str], results: Sequence[Sequence[tuple[str, float]]]) -> str:
+    return json.dumps(
+        [
+            {"image": path, "labels": [{"label": label, "prob": float(prob)} for label, prob in labels]}
+            for path, labels in zip(paths, results)
+        ],
+        indent=2,
+    )
+
+
+def attention_grid(maps: np.ndarray) -> np.ndarray:
+    """[N, N] attention (row = query) -> a uint8 RGB mosaic: one g x g tile per query token, g = sqrt(N).
+
+    Each tile is min-max normalised on its own and drawn white-to-blue, like the original's plots.
+    """
+    n = maps.shape[0]
+    g = int(round(np.sqrt(n)))
+    tiles = maps.reshape(n, g, g)
+    lo, hi = tiles.min(axis=(1, 2), keepdims=True), tiles.max(axis=(1, 2), keepdims=True)
+    tiles = (tiles - lo) / (hi - lo + 1e-6)
+    tiles = np.pad(tiles, ((0, 0), (0, 1), (0, 1)), constant_values=0.0)  # a 1-pixel gutter
+    mosaic = tiles.reshape(g, g, g + 1, g + 1).transpose(0, 2, 1, 3).reshape(g * (g + 1), g * (g + 1))
+    white, blue = np.array([247, 251, 255], np.float32), np.array([8, 48, 107], np.float32)
+    return (white + mosaic[..., None] * (blue - white)).astype(np.uint8)
+
+
+def save_attention_maps(tagger, image, out_dir: pathlib.Path) -> int:
+    from PIL import Image
+
+    maps = tagger.attention_maps(image)  # [layers, heads, N, N]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for layer in range(maps.shape[0]):
+        for head in range(maps.shape[1]):
+            grid = attention_grid(maps[layer, head])
+            Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
+                out_dir / f"layer_{layer}_head_{head}.png"
+            )
+    return maps.shape[0] * maps.shape[1]
+
+
+def main(argv: Sequence[str]) -> None:
+    from nxtp_jax.tagger import Tagger
+
+    paths = list(argv[1:])
+    if not paths:
+        raise app.UsageError("give at least one image path")
+    missing = [p for p in paths if not pathlib.Path(p).is_file()]
+    if missing:
+        sys.exit(f"image file(s) not found: {', '.join(missing)}")
+
+    tagger = Tagger.load(CKPT.value, batch_size=BATCH_SIZE.value)
+    start = time.perf_counter()
+    results = tagger.predict(paths, num_labels=NUM_LABELS.value, ranking_method=RANKING.value)
+    logging.info("inference time: %.3fs for %d image(s)", time.perf_counter() - start, len(paths))
+
+    if JSON.value:
+        print(format_json(paths, results))
+    else:
+        print("\n\n".join(format_text(p, r, NUM_LABELS.value) for p, r in zip(paths, results)))
+
+    if ATTENTION_DIR.value:
+        for path in paths:
+            out = pathlib.Path(ATTENTION_DIR.value) / pathlib.Path(path).stem
+            count = save_attention_maps(tagger, path, out)
+            logging.info("wrote %d attention maps to %s", count, out)
+
+
+if __name__ == "__main__":
+    app.run(main)
