@@ -191,8 +191,10 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def read_group(fd: int, offset: int, file_size: int, index: int) -> SampleGroup | None:
+def read_group(fd: int, offset: int, file_size: int, index: int, all_members: bool = False) -> SampleGroup | None:
     """The sample whose first member header is at `offset`; None at the end of the archive.
+
+    `members` holds the image, txt and json members, or every member with `all_members`.
 
     A sample ends where a member with another key begins. If the stream breaks after
     complete members of this sample, the sample is returned and the error is raised by the
@@ -219,7 +221,7 @@ def read_group(fd: int, offset: int, file_size: int, index: int) -> SampleGroup 
             key = member_key
         elif member_key != key:
             return SampleGroup(key, index, members, member.header_offset)
-        if ext in _USED_EXTS:
+        if all_members or ext in _USED_EXTS:
             members.setdefault(ext, member)
         offset = member.next_offset
     if key is None:
@@ -236,12 +238,12 @@ def read_bytes(fd: int, member: TarMember) -> bytes:
     return data
 
 
-def iter_groups(fd: int, file_size: int) -> Iterator[SampleGroup | TarFormatError]:
+def iter_groups(fd: int, file_size: int, all_members: bool = False) -> Iterator[SampleGroup | TarFormatError]:
     """Every sample of a shard in order; a broken stream ends with its TarFormatError."""
     offset, index = 0, 0
     while True:
         try:
-            group = read_group(fd, offset, file_size, index)
+            group = read_group(fd, offset, file_size, index, all_members)
         except TarFormatError as e:
             yield e
             return

@@ -1,0 +1,121 @@
+"""Pre-compute labels (the nouns of each caption, SPEC §5) into new shards, so training needs no NLTK.
+
+    python scripts/extract_labels.py --input SHARDS_DIR --out NEW_DIR --workers 8
+
+Every member of every sample is copied; the .json gets "labels" (a list of strings) and is
+created if absent. Samples whose caption is missing or not UTF-8, or whose json does not
+parse, are left out and counted. Shards keep their relative paths; shards already in
+--out are kept, so an interrupted run resumes. Needs NLTK's data:
+`python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import multiprocessing
+import os
+import sys
+from typing import Iterator
+
+from tqdm import tqdm
+
+from nxtp_jax.data import labels
+from nxtp_jax.data.registry import find_shards
+from nxtp_jax.data.tar import TarFormatError, iter_groups, open_shard, read_bytes
+from nxtp_jax.data.writer import write_shard
+
+
+def labelled_samples(shard: str, counts: collections.Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The shard's samples with labels added to their json; problems are counted in `counts`."""
+    fd, size = open_shard(shard)
+    try:
+        for group in iter_groups(fd, size, all_members=True):
+            if isinstance(group, TarFormatError):
+                counts[group.kind] += 1
+                return
+            try:
+                members = {ext: read_bytes(fd, m) for ext, m in group.members.items()}
+            except TarFormatError as e:
+                counts[e.kind] += 1
+                return
+            if "txt" not in members:
+                counts["missing_caption"] += 1
+                continue
+            try:
+                caption = members["txt"].decode("utf-8")
+                meta = json.loads(members["json"]) if "json" in members else {}
+            except UnicodeDecodeError:
+                counts["bad_caption"] += 1
+                continue
+            except ValueError:
+                counts["bad_json"] += 1
+                continue
+            if not isinstance(meta, dict):
+                counts["bad_json"] += 1
+                continue
+            meta["labels"] = labels.caption_to_nouns(caption)
+            members["json"] = json.dumps(meta).encode("utf-8")
+            counts["labelled"] += 1
+            yield group.key, members
+    finally:
+        os.close(fd)
+
+
+def process_shard(job: tuple[str, str]) -> collections.Counter:
+    src, dst = job
+    counts: collections.Counter = collections.Counter()
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    write_shard(dst, labelled_samples(src, counts))
+    return counts
+
+
+def plan(inputs: list[str], out: str) -> list[tuple[str, str]]:
+    """(source shard, output shard) pairs, output paths relative to each input folder."""
+    jobs = []
+    for path in inputs:
+        base = path if os.path.isdir(path) else os.path.dirname(path)
+        jobs += [(s, os.path.join(out, os.path.relpath(s, base))) for s in find_shards(path)]
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, nargs="+", help="shards or folders of shards")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--workers", type=int, default=1, help="processes (one shard each at a time)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    try:
+        labels.check_nltk_data()
+    except labels.NltkDataMissingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    jobs = plan(args.input, args.out)
+    if os.path.abspath(args.out) in {os.path.abspath(os.path.dirname(src)) for src, _ in jobs}:
+        print("error: --out must differ from the input folder (shards would be overwritten)", file=sys.stderr)
+        return 1
+    todo = [job for job in jobs if not os.path.exists(job[1])]
+    totals: collections.Counter = collections.Counter()
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", disable=args.no_progress) as bar:
+        if args.workers > 1:
+            with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+                for counts in pool.imap_unordered(process_shard, todo):
+                    totals.update(counts)
+                    bar.update(1)
+                    bar.set_postfix(labelled=totals["labelled"])
+        else:
+            for job in todo:
+                totals.update(process_shard(job))
+                bar.update(1)
+                bar.set_postfix(labelled=totals["labelled"])
+    skipped = {k: v for k, v in totals.items() if k != "labelled"}
+    print(f"labelled={totals['labelled']} skipped={sum(skipped.values())} {dict(sorted(skipped.items()))} "
+          f"shards={len(jobs)} (new {len(todo)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

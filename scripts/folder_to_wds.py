@@ -1,0 +1,108 @@
+"""Pack an image folder plus a captions file (tsv or jsonl) into WebDataset shards.
+
+    python scripts/folder_to_wds.py --images IMGS --captions caps.tsv --out DIR --samples-per-shard 1000
+
+The captions file names each image by its path relative to --images:
+- .tsv: a header row with the `path` and `caption` columns (names set by --path-col,
+  --caption-col), tab-separated; an optional `labels` column holds comma-separated labels;
+- .jsonl: one object per line with the same keys; "labels" is a list of strings.
+Sample i (in file order) is keyed by its zero-padded number and has the image (jpg, png
+and webp bytes copied as they are, other formats converted to png), .txt with the caption
+and .json with {"path", "cap"} and "labels" if given. Re-running resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from typing import Iterator
+
+from PIL import Image
+
+from nxtp_jax.data.writer import pack
+
+_KEEP = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+
+def read_captions(path: str, path_col: str, caption_col: str) -> Iterator[dict]:
+    """Rows {"path", "caption", optional "labels": list[str]} of a tsv or jsonl file."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if path_col not in row or caption_col not in row:
+                    raise ValueError(f"{path}:{n}: expected keys {path_col!r} and {caption_col!r}, found {sorted(row)}")
+                yield {"path": row[path_col], "caption": row[caption_col], **({"labels": row["labels"]} if "labels" in row else {})}
+    elif path.endswith(".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            if reader.fieldnames is None or path_col not in reader.fieldnames or caption_col not in reader.fieldnames:
+                raise ValueError(f"{path}: expected a header row with {path_col!r} and {caption_col!r}, found {reader.fieldnames}")
+            for row in reader:
+                out = {"path": row[path_col], "caption": row[caption_col]}
+                if row.get("labels"):
+                    out["labels"] = [x.strip() for x in row["labels"].split(",") if x.strip()]
+                yield out
+    else:
+        raise ValueError(f"expected a .tsv or .jsonl captions file, found {path!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", required=True, help="folder the image paths are relative to")
+    parser.add_argument("--captions", required=True, help=".tsv or .jsonl captions file")
+    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--prefix", default="", help="shard name prefix (default: 000000.tar, ...)")
+    parser.add_argument("--path-col", default="path")
+    parser.add_argument("--caption-col", default="caption")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    rows = list(read_captions(args.captions, args.path_col, args.caption_col))
+    width = max(6, len(str(len(rows))))
+    problems: list[str] = []
+
+    def make_sample(i: int, row: dict) -> tuple[str, dict[str, bytes]] | None:
+        src = os.path.join(args.images, row["path"])
+        try:
+            with open(src, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            problems.append(f"{row['path']}: {e.strerror}")
+            return None
+        ext = _KEEP.get(os.path.splitext(src)[1].lower())
+        if ext is None:
+            try:
+                buf = io.BytesIO()
+                Image.open(io.BytesIO(data)).save(buf, "PNG")
+            except Exception as e:  # any PIL failure means this file is not usable
+                problems.append(f"{row['path']}: cannot convert to png: {e}")
+                return None
+            data, ext = buf.getvalue(), "png"
+        meta = {"path": row["path"], "cap": row["caption"]}
+        if "labels" in row:
+            meta["labels"] = row["labels"]
+        members = {ext: data, "txt": row["caption"].encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
+        return f"{i:0{width}d}", members
+
+    shards = pack(
+        rows, make_sample, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+        desc="packing", progress=not args.no_progress,
+    )
+    print(f"{len(rows) - len(problems)} samples in {len(shards)} shards under {args.out}")
+    for p in problems[:10]:
+        print(f"warning: skipped {p}", file=sys.stderr)
+    if len(problems) > 10:
+        print(f"warning: ... and {len(problems) - 10} more skipped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

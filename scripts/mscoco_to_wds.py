@@ -1,0 +1,70 @@
+"""Pack COCO 2017 captions and images into WebDataset shards.
+
+    python scripts/mscoco_to_wds.py --root COCO --split val2017 --out DIR --samples-per-shard 3000
+
+Reads COCO/annotations/captions_<split>.json and COCO/<split>/<file_name>. Images go in
+order of their id; each becomes a sample keyed by its file name without extension
+(000000000139) with .jpg (the original bytes), .txt (all its captions in annotation-file
+order, each stripped, joined by one space) and .json ({"path", "cap", "split"}). Shards
+are DIR/000000.tar, ...; re-running resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from nxtp_jax.data.writer import pack
+
+
+def load_captions(root: str, split: str) -> tuple[list[dict], dict[int, list[str]]]:
+    """(images sorted by id, image id -> captions in annotation-file order)."""
+    path = os.path.join(root, "annotations", f"captions_{split}.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"expected the COCO captions file at {path!r}; check --root and --split")
+    with open(path) as f:
+        data = json.load(f)
+    captions: dict[int, list[str]] = {}
+    for ann in data["annotations"]:
+        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    return sorted(data["images"], key=lambda im: im["id"]), captions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, help="COCO folder with annotations/ and <split>/")
+    parser.add_argument("--split", default="val2017", help="train2017 or val2017")
+    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--samples-per-shard", type=int, default=3000)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    images, captions = load_captions(args.root, args.split)
+    missing: list[str] = []
+
+    def make_sample(_i: int, image: dict) -> tuple[str, dict[str, bytes]] | None:
+        name = image["file_name"]
+        try:
+            with open(os.path.join(args.root, args.split, name), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            missing.append(name)
+            return None
+        text = " ".join(c.strip() for c in captions.get(image["id"], []))
+        meta = {"path": name, "cap": text, "split": args.split}
+        return name.split(".")[0], {"jpg": data, "txt": text.encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
+
+    shards = pack(
+        images, make_sample, args.out, samples_per_shard=args.samples_per_shard,
+        desc=f"coco {args.split}", progress=not args.no_progress,
+    )
+    print(f"{len(images) - len(missing)} samples in {len(shards)} shards under {args.out}")
+    if missing:
+        print(f"warning: {len(missing)} images listed in the annotations were not found, e.g. {missing[0]}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
