@@ -25,7 +25,7 @@ import numpy as np
 from nxtp_jax.data.samples import LABEL_SOURCES, RawSample, Skip, decode_sample
 from nxtp_jax.data.skips import SkipCountingIterDataset, skip_fields
 from nxtp_jax.data.stream import TarStreamIterDataset
-from nxtp_jax.data.tar import TarFormatError, TarMember, iter_groups, open_shard, read_bytes
+from nxtp_jax.data.tar import TarFormatError, iter_groups, open_shard, read_bytes
 
 SampleTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -228,10 +228,15 @@ class _EvalSource:
         shard = self.shards[shard_index]
         if isinstance(members, TarFormatError):
             return RawSample(key, shard, {}, 0, (members.kind, members.member or key, str(members)))
-        if shard_index not in self._fds:
-            self._fds[shard_index] = open_shard(shard)[0]
+        fd = self._fds.get(shard_index)
+        if fd is None:
+            # grain reads with several threads: the first descriptor stored wins.
+            opened = open_shard(shard)[0]
+            fd = self._fds.setdefault(shard_index, opened)
+            if fd != opened:
+                os.close(opened)
         try:
-            data = {ext: read_bytes(self._fds[shard_index], m) for ext, m in members.items()}
+            data = {ext: read_bytes(fd, m) for ext, m in members.items()}
         except TarFormatError as e:
             return RawSample(key, shard, {}, 0, (e.kind, e.member, str(e)))
         return RawSample(key, shard, data, 0)

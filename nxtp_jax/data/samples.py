@@ -49,10 +49,6 @@ class Skip:
     message: str
 
 
-def empty_skip_counts() -> dict[str, np.int32]:
-    return {kind: np.int32(0) for kind in SKIP_KINDS}
-
-
 def _parse_labels(meta: Any) -> str | None:
     """`json["labels"]` joined by ',' if present; None if absent. Raises ValueError if malformed."""
     if not isinstance(meta, dict) or "labels" not in meta:
