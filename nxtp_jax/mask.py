@@ -58,3 +58,32 @@ def label_mask(
     prompt_cols = causal & (col <= a[:, :, None])
     label_block = in_block[:, :, None] & causal & (col >= start[:, :, None])
     return (image_block | prompt_cols | label_block)[:, None]
+
+
+def generation_mask(
+    tokens: jax.Array, answer_pos: jax.Array, *, delimiter_id: int, num_image_tokens: int
+) -> jax.Array:
+    """bool [B, 1, N+L, N+L]: the original's mask while greedy decoding generates several labels.
+
+    Causal plus the image block; then, for every delimiter d_i after `a` that has a later
+    delimiter, the rows after d_i lose the columns [a, d_i]. A label being generated thus
+    sees the one before it but none earlier, and no row past the first label sees `a`.
+    """
+    tokens = jnp.asarray(tokens)
+    n = num_image_tokens
+    batch, text_len = tokens.shape
+    pos = jnp.arange(n + text_len)
+    a = (jnp.asarray(answer_pos).astype(jnp.int32) + n)[:, None]
+    is_delim = (tokens == delimiter_id) & (pos[None, n:] > a)
+    is_delim = jnp.concatenate([jnp.zeros((batch, n), dtype=bool), is_delim], axis=1)
+    later = jax.lax.cummax(is_delim[:, ::-1].astype(jnp.int32), axis=1)[:, ::-1]  # a delimiter at or after p
+    has_later = jnp.concatenate([later[:, 1:], jnp.zeros((batch, 1), jnp.int32)], axis=1) > 0
+    closing = is_delim & has_later
+    # For row r: one past the last closing delimiter strictly before r (or a: nothing closed).
+    ends = jnp.where(closing, pos[None, :] + 1, a)
+    end = jax.lax.cummax(jnp.concatenate([a, ends[:, :-1]], axis=1), axis=1)  # [B, T]
+
+    row, col = pos[None, :, None], pos[None, None, :]
+    base = (col <= row) | ((row < n) & (col < n))
+    closed = (col >= a[:, :, None]) & (col < end[:, :, None])
+    return (base & ~closed)[:, None]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nxtp_jax import checkpoint, mask, objective, prompts, ranking, sampling
+from nxtp_jax import checkpoint, decoding, mask, objective, prompts, ranking, sampling
 from nxtp_jax.data import preprocess
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.tokenizer import Tokenizer
@@ -39,7 +39,7 @@ class Tagger:
 
     @classmethod
     def load(cls, ckpt_dir: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, mesh=None, **kw) -> "Tagger":
-        """Loads a checkpoint directory written by `convert/from_torch.py` or by training."""
+        """Loads a checkpoint directory written by `convert/from_torch.py`, or a training workdir (latest step)."""
         config = checkpoint.load_config(ckpt_dir)
         tok = Tokenizer(checkpoint.tokenizer_path(ckpt_dir))
         if (tok.image_id, tok.empty_id) != (config.special_tokens.image, config.special_tokens.empty):
@@ -48,7 +48,10 @@ class Tagger:
                 f"{config.special_tokens.empty}, but its tokenizer.model gives {tok.image_id}, {tok.empty_id}"
             )
         model = Recognizer(config, dtype=dtype or default_dtype(), param_dtype=param_dtype)
-        params = checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model, mesh))
+        if checkpoint.is_training_workdir(ckpt_dir):
+            params = checkpoint.load_training_params(ckpt_dir, model, mesh)
+        else:
+            params = checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model, mesh))
         return cls(model, params, tok, **kw)
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
@@ -65,23 +68,42 @@ class Tagger:
         num_labels: int = 10,
         *,
         ranking_method: str = "prob",
+        strategy: str = "one_shot",
+        seed: int = 0,
+        **decoder_kw: Any,
     ) -> list[list[tuple[str, float]]]:
-        """Per image, at most `num_labels` (label, score) pairs, best first (one-shot sampling)."""
+        """Per image, at most `num_labels` (label, score) pairs, best first.
+
+        `strategy` is "one_shot" (the paper's, k = num_labels branches), "greedy" or "beam"
+        (`decoder_kw` go to `decoding.greedy` / `decoding.beam_search`; beam search records
+        no probabilities, so it ranks by "sim" or "none" only, as in the original).
+        """
         if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
             raise TypeError("expected a sequence of images; wrap a single image in a list")
+        if strategy == "beam" and ranking_method not in ("sim", "none"):
+            raise ValueError(f"beam search records no probabilities: rank by 'sim' or 'none', not {ranking_method!r}")
         tok = self.tokenizer
         results = []
+        key = jax.random.key(seed)
         for batch in self._batches(list(images)):
-            tokens, probs = sampling.one_shot(
-                self.model, self.params, jnp.asarray(batch), self.prompt, k=num_labels, delimiter_id=tok.delimiter_id
-            )
-            tokens, probs = np.asarray(tokens), np.asarray(probs)
+            x = jnp.asarray(batch)
+            if strategy == "one_shot":
+                tokens, probs = sampling.one_shot(self.model, self.params, x, self.prompt, k=num_labels, delimiter_id=tok.delimiter_id)
+                groups = [ranking.groups_from_branches(t, p, tok.delimiter_id) for t, p in zip(np.asarray(tokens), np.asarray(probs))]
+            elif strategy == "greedy":
+                key, sub = jax.random.split(key)
+                tokens, probs = decoding.greedy(self.model, self.params, x, self.prompt, sub, delimiter_id=tok.delimiter_id, **decoder_kw)
+                groups = [ranking.groups_from_stream(t.tolist(), p.tolist(), tok.delimiter_id) for t, p in zip(np.asarray(tokens), np.asarray(probs))]
+            elif strategy == "beam":
+                streams = decoding.beam_search(self.model, self.params, x, self.prompt, eos_id=tok.eos_id, **decoder_kw)
+                groups = [ranking.groups_from_stream(t, [0.0] * len(t), tok.delimiter_id) for t in streams]
+            else:
+                raise ValueError(f"unknown strategy {strategy!r}; expected one_shot, greedy or beam")
             sim = ranking_method == "sim"
             image_tokens = self.image_tokens(batch) if sim else [None] * len(batch)
             table = self.embeddings() if sim else None
-            for t, p, img in zip(tokens, probs, image_tokens):
-                groups = ranking.groups_from_branches(t, p, tok.delimiter_id)
-                results.append(ranking.rank(groups, tok, ranking_method, image_tokens=img, embeddings=table)[:num_labels])
+            for g, img in zip(groups, image_tokens):
+                results.append(ranking.rank(g, tok, ranking_method, image_tokens=img, embeddings=table)[:num_labels])
         return results
 
     def image_tokens(self, batch: np.ndarray) -> np.ndarray:

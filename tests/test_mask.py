@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from nxtp_jax.mask import label_mask, prefix_mask
+from nxtp_jax.mask import generation_mask, label_mask, prefix_mask
 
 D = 7  # delimiter id in these synthetic sequences; other ids only need to differ from it
 I, S, P, A, X, E = 50, 1, 11, 12, 13, 2  # <|image|>, BOS, prompt word, "are", label token, EOS
@@ -217,3 +217,50 @@ def test_eager_matches_reference() -> None:
 def test_shape_errors() -> None:
     with pytest.raises(ValueError, match=r"one answer position per sample"):
         label_mask(np.zeros((2, 5), np.int32), np.zeros((3,), np.int32), delimiter_id=D, num_image_tokens=2)
+
+
+def reference_generation_mask(tokens: np.ndarray, answer_pos: np.ndarray, delimiter_id: int, n: int) -> np.ndarray:
+    """The original's inference branch (is_train=False): from the second delimiter on, the rows
+    after the previous delimiter lose the columns from `a` up to it."""
+    batch, text_len = tokens.shape
+    t = n + text_len
+    full = np.concatenate([np.full((batch, n), -1), tokens], axis=1)
+    mask = np.triu(np.full((batch, t, t), -np.inf), k=1)
+    mask[:, :n, :n] = 0.0
+    for b in range(batch):
+        a = n + int(answer_pos[b])
+        prev = a
+        for d in np.nonzero(full[b] == delimiter_id)[0]:
+            if d <= a:
+                continue
+            if prev != a:
+                mask[b, prev:, a:prev] = -np.inf
+            prev = d + 1
+    return (mask == 0.0)[:, None]
+
+
+def test_generation_mask_by_hand() -> None:
+    # n=1 image token, text [I, S, A, X, D, X, D, X]: a = 3; labels X | X | X (last one in progress).
+    m = np.asarray(generation_mask(np.array([[I, S, A, X, D, X, D, X]]), np.array([2]), delimiter_id=D, num_image_tokens=1))
+    expected = grid([
+        "1........",
+        "11.......",
+        "111......",
+        "1111.....",  # a
+        "11111....",  # label 1
+        "111111...",  # its delimiter
+        "111...1..",  # label 2: no longer sees a..d_1
+        "111...11.",  # its delimiter
+        "111...111",  # label 3 still sees label 2: no delimiter closes it yet
+    ])
+    np.testing.assert_array_equal(m[0, 0], expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_generation_mask_matches_slow_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    batch, text_len, n = 5, int(rng.integers(6, 24)), int(rng.integers(1, 4))
+    tokens = rng.choice([5, 6, D, 8], size=(batch, text_len), p=[0.3, 0.2, 0.3, 0.2]).astype(np.int32)
+    answer_pos = rng.integers(1, text_len - 1, size=batch).astype(np.int32)
+    got = generation_mask(tokens, answer_pos, delimiter_id=D, num_image_tokens=n)
+    np.testing.assert_array_equal(np.asarray(got), reference_generation_mask(tokens, answer_pos, D, n))
