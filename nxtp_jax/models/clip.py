@@ -58,8 +58,10 @@ class ResidualAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + Attention(self.heads, name="attn", **kw)(LayerNorm(name="ln_1")(x).astype(self.dtype))
-        return x + MLP(name="mlp", **kw)(LayerNorm(name="ln_2")(x).astype(self.dtype))
+        ln_1 = LayerNorm(param_dtype=self.param_dtype, name="ln_1")
+        ln_2 = LayerNorm(param_dtype=self.param_dtype, name="ln_2")
+        x = x + Attention(self.heads, name="attn", **kw)(ln_1(x).astype(self.dtype))
+        return x + MLP(name="mlp", **kw)(ln_2(x).astype(self.dtype))
 
 
 class Transformer(nn.Module):
@@ -109,9 +111,9 @@ class VisionTransformer(nn.Module):
             self, "positional_embedding", nn.initializers.normal(scale), (cfg.num_patches + 1, w), ("vit_pos", "vit_embed")
         )
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, w)), x], axis=1)
-        x = LayerNorm(name="ln_pre")(x + pos.astype(x.dtype)).astype(self.dtype)
+        x = LayerNorm(param_dtype=self.param_dtype, name="ln_pre")(x + pos.astype(x.dtype)).astype(self.dtype)
         x = Transformer(cfg.layers, cfg.heads, self.dtype, self.param_dtype, name="transformer")(x)
-        x = LayerNorm(name="ln_post")(x).astype(self.dtype)
+        x = LayerNorm(param_dtype=self.param_dtype, name="ln_post")(x).astype(self.dtype)
         return dense(
             self.out_dim,
             ("vit_embed", "embed"),
