@@ -77,3 +77,88 @@ def abstract_params(model, mesh=None, rules=None) -> Any:
 
     mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
     return jax.eval_shape(lambda k: init_params(model, k, mesh, rules), jax.random.key(0))
+
+
+# -- training workdirs --
+#
+# A training workdir is also a checkpoint directory: its config.json has the model and
+# tokenizer like any other, plus a "training" entry saying where the weights are:
+#     WORKDIR/config.json, WORKDIR/tokenizer.model
+#     WORKDIR/checkpoints/<step>/params/   the trainable params only (orbax CheckpointManager)
+# The frozen params come from the init checkpoint, or from the seeded random init.
+
+TRAINING_KEY = "training"
+STEPS_DIR = "checkpoints"
+TRAINABLE_ITEM = "params"
+
+
+def write_training_meta(
+    workdir: str | os.PathLike,
+    config: ModelConfig,
+    tokenizer_path: str | os.PathLike,
+    *,
+    init: dict[str, Any],
+    trainable: list[str],
+) -> pathlib.Path:
+    """Makes `workdir` loadable by `Tagger.load`. `init` is {"kind": "checkpoint", "path": DIR} or {"kind": "scratch", "seed": S}."""
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if init.get("kind") not in ("checkpoint", "scratch"):
+        raise ValueError(f'expected init {{"kind": "checkpoint" | "scratch", ...}}, found {init}')
+    target = workdir / TOKENIZER_FILE
+    if pathlib.Path(tokenizer_path).absolute() != target:
+        shutil.copyfile(tokenizer_path, target)
+    training = {"init": init, "trainable": list(trainable), "steps_dir": STEPS_DIR}
+    meta = {"format": FORMAT, "model": config.to_dict(), "tokenizer": TOKENIZER_FILE, TRAINING_KEY: training}
+    (workdir / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return workdir
+
+
+def is_training_workdir(ckpt_dir: str | os.PathLike) -> bool:
+    path = pathlib.Path(ckpt_dir) / CONFIG_FILE
+    return path.is_file() and TRAINING_KEY in json.loads(path.read_text())
+
+
+def training_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps with a finished checkpoint (orbax renames a step folder into place when it is complete)."""
+    root = pathlib.Path(workdir) / STEPS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def scratch_params(model, seed: int, mesh=None, rules=None) -> Any:
+    """The random init of a from-scratch run (the same values for any mesh)."""
+    from nxtp_jax.models.recognizer import init_params
+
+    return init_params(model, jax.random.key(seed), mesh, rules)
+
+
+def load_training_params(workdir: str | os.PathLike, model, mesh=None, rules=None, step: int | None = None) -> Any:
+    """Full params of a training workdir: the trained ones of `step` (default: the latest) merged with the frozen ones."""
+    from nxtp_jax import optim
+
+    meta = read_meta(workdir)
+    training = meta[TRAINING_KEY]
+    steps = training_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(
+            f"{workdir} is a training workdir without any finished checkpoint in {STEPS_DIR}/; "
+            "train longer than checkpoint.save_interval_steps, or until the end of the run"
+        )
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{workdir}: expected a checkpoint of step {step}, found steps {steps}")
+    abstract = abstract_params(model, mesh, rules)
+    abstract_trainable, abstract_frozen = optim.split(abstract, training["trainable"])
+    item = pathlib.Path(workdir).absolute() / STEPS_DIR / str(step) / TRAINABLE_ITEM
+    with ocp.StandardCheckpointer() as ckptr:
+        trainable = ckptr.restore(item, abstract_trainable)
+    if not jax.tree_util.tree_leaves(abstract_frozen):
+        return trainable
+    init = training["init"]
+    if init["kind"] == "checkpoint":
+        full = load_params(init["path"], abstract)
+    else:
+        full = scratch_params(model, init["seed"], mesh, rules)
+    return optim.merge(trainable, optim.split(full, training["trainable"])[1])

@@ -1,0 +1,19 @@
+"""The paper's 1.78B model on G3M (CC3M + SBU + COCO, 3 epochs, 21k steps at batch 512).
+
+    python -m nxtp_jax.main --config=configs/g3m.py --workdir=runs/g3m \
+        --config.model.checkpoint=ckpts/init_1.78b --config.data.root=/data
+
+`model.checkpoint` is the output of `convert/from_torch.py` (CLIP ViT-L/14 + the first 6
+blocks of LLaMA-2 7B).
+"""
+
+from ml_collections import config_dict
+
+from nxtp_jax.experiment import load_config_module
+
+
+def get_config() -> config_dict.ConfigDict:
+    config = load_config_module(__file__, "base.py").get_config()
+    config.data.train = ("cc3m", "sbu", "coco")
+    config.eval.dataset = "coco_valid"
+    return config

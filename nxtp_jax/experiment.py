@@ -1,0 +1,268 @@
+"""An experiment config (configs/*.py): loading, the one `validate`, and the values derived from it.
+
+Configs store each fact once; everything computed from them (the ModelConfig, step
+counts, per-process batch, dtypes) is computed here, never written back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from ml_collections import config_dict
+
+from nxtp_jax import optim
+from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
+from nxtp_jax.sharding import MESH_AXES
+from nxtp_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+MODES = ("train", "eval", "train_and_eval")
+INITS = ("checkpoint", "scratch")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+SYNTHETIC = ("", "shapes")
+EVAL_STRATEGIES = ("one_shot", "greedy", "beam")
+EVAL_RANKINGS = ("prob", "ppl", "sim", "none", "clip")
+EVAL_EMBEDDERS = ("minilm", "exact", "clip")
+CONVERT_HINT = (
+    "make it with `python convert/from_torch.py --clip ViT-L-14.pt --llama llama-2-7b --layers 6 --out DIR` "
+    "(CLIP: https://github.com/openai/CLIP, LLaMA-2: https://llama.meta.com/llama-downloads) "
+    "and pass --config.model.checkpoint=DIR"
+)
+
+
+def load_config_module(anchor_file: str, name: str) -> types.ModuleType:
+    """The config file `name` next to `anchor_file` (config files are loaded by path, not as a package)."""
+    path = pathlib.Path(anchor_file).with_name(name)
+    spec = importlib.util.spec_from_file_location(f"nxtp_config_{path.stem}", path)
+    if spec is None or not path.is_file():
+        raise FileNotFoundError(f"expected the config file {path} next to {anchor_file}, found nothing there")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dtype(name: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"expected a dtype in {sorted(DTYPES)}, found {name!r}")
+    return DTYPES[name]
+
+
+def model_config(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
+    """The architecture from config.model; vocabulary and special ids from the tokenizer."""
+    v, d = config.model.vision, config.model.decoder
+    return ModelConfig(
+        vision=VisionConfig(width=v.width, layers=v.layers, patch_size=v.patch_size, image_size=v.image_size),
+        decoder=DecoderConfig(
+            dim=d.dim,
+            layers=d.layers,
+            n_heads=d.n_heads,
+            n_kv_heads=d.n_kv_heads,
+            vocab_size=tokenizer.vocab_size,
+            multiple_of=d.multiple_of,
+            ffn_dim_multiplier=d.ffn_dim_multiplier,
+            norm_eps=d.norm_eps,
+            rope_theta=d.rope_theta,
+        ),
+        special_tokens=SpecialTokens(image=tokenizer.image_id, empty=tokenizer.empty_id),
+    )
+
+
+def num_image_tokens(config: config_dict.ConfigDict) -> int:
+    return (config.model.vision.image_size // config.model.vision.patch_size) ** 2
+
+
+def text_length(config: config_dict.ConfigDict) -> int:
+    """Text tokens per sample: what is left of max_seq_len after the image tokens."""
+    return config.max_seq_len - num_image_tokens(config)
+
+
+def dataset_length(config: config_dict.ConfigDict) -> int:
+    return sum(int(config.data.registry[name.lower()]["length"]) for name in config.data.train)
+
+
+def total_steps(config: config_dict.ConfigDict) -> int:
+    if config.total_steps > 0:
+        return config.total_steps
+    return config.epochs * (dataset_length(config) // config.batch_size)
+
+
+def steps_per_epoch(config: config_dict.ConfigDict) -> int:
+    return max(1, dataset_length(config) // config.batch_size)
+
+
+def warmup_steps(config: config_dict.ConfigDict) -> int:
+    return optim.warmup_steps(total_steps(config), config.optim.warmup_ratio, config.optim.warmup_steps)
+
+
+def last_step(config: config_dict.ConfigDict) -> int:
+    """The step this run stops at: stop_at_step if set, else total_steps."""
+    return config.stop_at_step or total_steps(config)
+
+
+def per_process_batch(config: config_dict.ConfigDict, process_count: int | None = None) -> int:
+    n = jax.process_count() if process_count is None else process_count
+    return config.batch_size // n
+
+
+def mesh_shape(config: config_dict.ConfigDict) -> dict[str, int]:
+    return {axis: int(config.mesh[axis]) for axis in MESH_AXES}
+
+
+def tokenizer_path(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
+    """config.tokenizer.path, else the init checkpoint's, else <workdir>/tokenizer.model (scratch)."""
+    if config.tokenizer.path:
+        return pathlib.Path(config.tokenizer.path)
+    if config.model.init == "checkpoint":
+        from nxtp_jax import checkpoint
+
+        return checkpoint.tokenizer_path(config.model.checkpoint)
+    return pathlib.Path(workdir) / "tokenizer.model"
+
+
+def embedding_row_ids(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> list[int] | None:
+    """Ids of the embedding rows that train, or None for all rows."""
+    if tuple(config.embedding_rows) == (optim.ALL_ROWS,):
+        return None
+    return [tokenizer.encode(token, bos=False, eos=False)[0] for token in config.embedding_rows]
+
+
+class ConfigError(ValueError):
+    """The experiment config cannot run; the message lists every problem found."""
+
+
+def validate(config: config_dict.ConfigDict, *, process_count: int | None = None, device_count: int | None = None) -> None:
+    """Checks the whole config once, before anything expensive, and reports all problems together."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    def one_of(value: Any, allowed: tuple, field: str) -> None:
+        need(value in allowed, f"{field}: expected one of {allowed}, found {value!r}")
+
+    one_of(config.mode, MODES, "mode")
+    one_of(config.model.init, INITS, "model.init")
+    one_of(config.model.dtype, tuple(DTYPES), "model.dtype")
+    one_of(config.model.param_dtype, tuple(DTYPES), "model.param_dtype")
+    one_of(config.model.attention_impl, ("", "cudnn"), "model.attention_impl")
+    one_of(config.optim.schedule, optim.SCHEDULES, "optim.schedule")
+    one_of(config.data.synthesize, SYNTHETIC, "data.synthesize")
+    one_of(config.eval.strategy, EVAL_STRATEGIES, "eval.strategy")
+    one_of(config.eval.ranking, EVAL_RANKINGS, "eval.ranking")
+    one_of(config.eval.embedder, EVAL_EMBEDDERS, "eval.embedder")
+    _check_model(config, need)
+    _check_data(config, need)
+    _check_training(config, need, process_count, device_count)
+    for field in ("trainable", "optim.no_decay", "optim.force_decay"):
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                problems.append(f"{field}: {pattern!r} is not a regular expression ({e})")
+    rows = tuple(config.embedding_rows)
+    need(
+        rows == (optim.ALL_ROWS,) or all(r in SPECIAL_TOKENS for r in rows),
+        f"embedding_rows: expected special tokens from {SPECIAL_TOKENS} or ('*',), found {rows}",
+    )
+    rule_names = [r[0] for r in config.logical_axis_rules]
+    need(len(rule_names) == len(set(rule_names)), f"logical_axis_rules: a logical axis appears twice in {rule_names}")
+    for name, target in config.logical_axis_rules:
+        targets = target if isinstance(target, (tuple, list)) else (target,)
+        need(
+            all(t is None or t in MESH_AXES for t in targets),
+            f"logical_axis_rules: {name!r} maps to {target!r}; expected mesh axes from {MESH_AXES} or None",
+        )
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _check_model(config, need) -> None:
+    v, d = config.model.vision, config.model.decoder
+    need(v.width % 64 == 0, f"model.vision.width: expected a multiple of 64 (heads = width // 64), found {v.width}")
+    need(
+        v.image_size % v.patch_size == 0,
+        f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}",
+    )
+    need(d.dim % d.n_heads == 0, f"model.decoder.dim {d.dim} is not a multiple of n_heads {d.n_heads}")
+    kv = d.n_kv_heads or d.n_heads
+    need(d.n_heads % kv == 0, f"model.decoder.n_heads {d.n_heads} is not a multiple of n_kv_heads {kv}")
+    need(
+        text_length(config) >= 16,
+        f"max_seq_len {config.max_seq_len} leaves {text_length(config)} text tokens after "
+        f"{num_image_tokens(config)} image tokens; expected at least 16 (prompt + labels)",
+    )
+    if config.model.init == "checkpoint":
+        ckpt = config.model.checkpoint
+        if not ckpt:
+            need(False, f"model.checkpoint: model.init is 'checkpoint' but no directory is given; {CONVERT_HINT}")
+        elif not (pathlib.Path(ckpt) / "config.json").is_file():
+            need(False, f"model.checkpoint: expected the CLIP + LLaMA checkpoint {ckpt}/config.json, found nothing; {CONVERT_HINT}")
+    if config.tokenizer.path:
+        need(
+            pathlib.Path(config.tokenizer.path).is_file(),
+            f"tokenizer.path: expected a sentencepiece model at {config.tokenizer.path}, found nothing",
+        )
+
+
+def _check_data(config, need) -> None:
+    registry = config.data.registry
+    names = list(config.data.train) if config.mode != "eval" else []
+    names += [config.eval.dataset] if config.mode != "train" else []
+    for name in names:
+        if name.lower() not in registry:
+            need(False, f"data: dataset {name!r} is not in data.registry ({sorted(registry)})")
+        elif not config.data.synthesize:
+            root = pathlib.Path(config.data.root) / registry[name.lower()]["root"]
+            need(
+                root.is_dir(),
+                f"data: dataset {name!r} expected shards under {root}, found no such directory; "
+                "set --config.data.root, or pack the dataset as docs/data.md describes",
+            )
+    sources = ("auto", "caption", "none")
+    need(config.data.label_source in sources, f"data.label_source: expected one of {sources}, found {config.data.label_source!r}")
+    need(config.data.worker_count >= 0, f"data.worker_count: expected >= 0, found {config.data.worker_count}")
+
+
+def _check_training(config, need, process_count, device_count) -> None:
+    processes = jax.process_count() if process_count is None else process_count
+    devices = jax.device_count() if device_count is None else device_count
+    need(config.batch_size > 0, f"batch_size: expected > 0, found {config.batch_size}")
+    need(config.grad_accum_steps >= 1, f"grad_accum_steps: expected >= 1, found {config.grad_accum_steps}")
+    shape = mesh_shape(config)
+    known = 1
+    for size in shape.values():
+        known *= size if size > 0 else 1
+    need(
+        list(shape.values()).count(-1) <= 1 and devices % known == 0,
+        f"mesh: {shape} does not fit {devices} devices; use -1 for at most one axis and sizes that divide the device count",
+    )
+    sizes = {axis: (devices // known if size == -1 else size) for axis, size in shape.items()}
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    unit = config.grad_accum_steps * batch_shards
+    need(
+        config.batch_size % unit == 0 and config.batch_size % processes == 0,
+        f"batch_size {config.batch_size}: expected a multiple of grad_accum_steps x (data x fsdp devices) = "
+        f"{config.grad_accum_steps} x {batch_shards} and of the {processes} processes",
+    )
+    need(config.epochs > 0 or config.total_steps > 0, "epochs / total_steps: expected one of them > 0")
+    need(config.stop_at_step >= 0, f"stop_at_step: expected >= 0, found {config.stop_at_step}")
+    need(config.log_every_steps >= 1, f"log_every_steps: expected >= 1, found {config.log_every_steps}")
+    need(config.checkpoint.save_interval_steps >= 1, "checkpoint.save_interval_steps: expected >= 1")
+    need(config.checkpoint.keep >= 1, "checkpoint.keep: expected >= 1")
+    need(config.weight_loss_obj >= 0 and config.weight_loss_cap >= 0, "weight_loss_obj / weight_loss_cap: expected >= 0")
+    need(config.weight_loss_obj + config.weight_loss_cap > 0, "weight_loss_obj + weight_loss_cap: expected > 0")
+    if config.optim.schedule == "original":
+        need(
+            config.optim.warmup_steps >= 1 or config.optim.warmup_ratio > 0,
+            "optim: the original schedule needs a warmup of at least one step (warmup_steps >= 1)",
+        )

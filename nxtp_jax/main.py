@@ -1,0 +1,79 @@
+"""Entry point: train, evaluate, or both.
+
+    python -m nxtp_jax.main --config=configs/demo.py
+    python -m nxtp_jax.main --config=configs/g3m.py --workdir=runs/g3m --config.data.root=/data
+    python -m nxtp_jax.main --config=... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+
+Multi-host runs are detected under SLURM (more than one task) and on multi-host TPU VMs;
+elsewhere the three flags above start `jax.distributed` explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; defaults to config.workdir.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for explicit multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
+
+
+def _cluster_detected() -> bool:
+    """SLURM with several tasks, or a TPU VM that is one worker of several."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed() -> None:
+    import jax
+
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise app.UsageError(
+                "explicit multi-host needs all of --coordinator_address, --num_processes and --process_id; "
+                f"found {dict(zip(('coordinator_address', 'num_processes', 'process_id'), explicit))}"
+            )
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+        )
+    elif _cluster_detected():
+        jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or config.workdir
+    if not workdir:
+        raise app.UsageError("no workdir: pass --workdir=DIR (or set config.workdir)")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and read at INFO
+    initialize_distributed()
+
+    import jax
+
+    from nxtp_jax import experiment
+
+    logging.info("JAX %s: process %d of %d, %d devices", jax.__version__, jax.process_index(), jax.process_count(), jax.device_count())
+    experiment.validate(config)
+    if config.mode in ("train", "train_and_eval"):
+        from nxtp_jax.train import train
+
+        result = train(config, workdir)
+        if result.preempted:
+            return
+    if config.mode in ("eval", "train_and_eval"):
+        from nxtp_jax.evaluate import evaluate
+
+        evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
