@@ -131,4 +131,5 @@ def get_config() -> config_dict.ConfigDict:
     c.eval.embedder = "minilm"  # metric embedder: minilm | exact | clip
     c.eval.max_images = 0  # evaluate the first N images only; 0 = all
     c.eval.examples = 0  # predictions printed for this many images
+    c.eval.clip_archive = ""  # OpenAI CLIP checkpoint (ViT-L-14.pt) for ranking="clip" and embedder="clip"
     return c
