@@ -1,0 +1,191 @@
+"""Lazy access to tensors in torch / safetensors files: shapes first, data only when read.
+
+torch pickles are opened with `weights_only=True` and, for zip-format files, `mmap=True`,
+so the blocks a truncated model drops are never read from a 13 GB file. OpenAI's CLIP
+archives are TorchScript and go through `torch.jit.load`, as OpenAI's own loader does.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import pathlib
+import warnings
+import zipfile
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            "reading PyTorch checkpoints needs torch, which is not installed; "
+            "install it with `pip install 'nxtp_jax[convert]'`"
+        ) from e
+    return torch
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    torch = _torch()
+    return tensor.detach().to(torch.float32).numpy()
+
+
+def require_file(path: str | os.PathLike, what: str) -> pathlib.Path:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected {what} at {path}, found no such file; check the path")
+    return path
+
+
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """TorchScript archives are zips with a `constants.pkl`; torch.save files have none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.split("/", 1)[-1] == "constants.pkl" for name in z.namelist())
+
+
+def load_torch(path: str | os.PathLike, what: str) -> Any:
+    """The object in a torch file: a TorchScript archive's state dict, or a pickle read with weights_only."""
+    path = require_file(path, what)
+    torch = _torch()
+    if is_torchscript(path):
+        with warnings.catch_warnings():
+            # torch deprecates TorchScript, but it is the format OpenAI distributes CLIP in.
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    # mmap needs the zip format; legacy pickles are read whole.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+class TensorSource(abc.ABC):
+    """Named tensors from one or more files of one source (the CLIP archive, the LLaMA weights, ...)."""
+
+    def __init__(self, name: str, files: Sequence[str]):
+        self.name = name
+        self.files = [str(f) for f in files]
+
+    @property
+    def where(self) -> str:
+        """Where the tensors come from, for error messages."""
+        return ", ".join(self.files)
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    @abc.abstractmethod
+    def read(self, key: str) -> np.ndarray:
+        """The tensor as a float32 numpy array (source dtypes fp16 / bf16 are widened exactly)."""
+
+
+class EmptySource(TensorSource):
+    """A source whose weight files are absent (allowed when another source supersedes all its params)."""
+
+    def __init__(self, name: str, missing: str):
+        super().__init__(name, [])
+        self.missing = missing
+
+    @property
+    def where(self) -> str:
+        return self.missing
+
+    def keys(self) -> list[str]:
+        return []
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise KeyError(key)
+
+    def read(self, key: str) -> np.ndarray:
+        raise KeyError(key)
+
+
+class TorchSource(TensorSource):
+    """A state dict of torch tensors (possibly mmap-backed), or several merged (sharded HF .bin)."""
+
+    def __init__(self, name: str, tensors: Mapping[str, Any], files: Sequence[str]):
+        super().__init__(name, files)
+        bad = sorted(k for k, v in tensors.items() if not hasattr(v, "shape"))
+        if bad:
+            raise TypeError(
+                f"{name}: expected a state dict of tensors in {', '.join(self.files)}, "
+                f"found non-tensor entries {bad[:5]}; pass the weights file itself"
+            )
+        self.tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def read(self, key: str) -> np.ndarray:
+        return _to_numpy(self.tensors[key])
+
+
+class SafetensorsSource(TensorSource):
+    """One or more `.safetensors` files; each tensor is read from its file when asked for."""
+
+    def __init__(self, name: str, files: Sequence[str | os.PathLike]):
+        super().__init__(name, files)
+        from safetensors import safe_open
+
+        self._file_of: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for f in self.files:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    if k in self._file_of:
+                        raise ValueError(f"{name}: key {k} is in both {self._file_of[k]} and {f}; expected each once")
+                    self._file_of[k] = f
+                    self._shapes[k] = tuple(st.get_slice(k).get_shape())
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def read(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(self._file_of[key], framework="pt") as st:
+            return _to_numpy(st.get_tensor(key))
+
+
+class ConcatSource(TensorSource):
+    """Model-parallel shards of one state dict, joined along `concat_dim(key)` (None: replicated)."""
+
+    def __init__(self, name: str, shards: Sequence[Mapping[str, Any]], files: Sequence[str], concat_dim: Callable[[str], int | None]):
+        super().__init__(name, files)
+        first = set(shards[0])
+        for shard, f in zip(shards[1:], self.files[1:]):
+            if set(shard) != first:
+                diff = sorted(first.symmetric_difference(shard))
+                raise ValueError(
+                    f"{name}: expected every shard to hold the same keys as {self.files[0]}, "
+                    f"found {f} differs in {diff[:5]}; the shard files do not belong together"
+                )
+        self.shards = shards
+        self.concat_dim = concat_dim
+
+    def keys(self) -> list[str]:
+        return list(self.shards[0])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        shape = list(self.shards[0][key].shape)
+        dim = self.concat_dim(key)
+        if dim is not None:
+            shape[dim] = sum(s[key].shape[dim] for s in self.shards)
+        return tuple(shape)
+
+    def read(self, key: str) -> np.ndarray:
+        dim = self.concat_dim(key)
+        if dim is None:
+            return _to_numpy(self.shards[0][key])
+        return np.concatenate([_to_numpy(s[key]) for s in self.shards], axis=dim)
