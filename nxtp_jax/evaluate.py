@@ -417,10 +417,6 @@ def _torch_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _eval_field(config: config_dict.ConfigDict, name: str, default: Any) -> Any:
-    return config.eval[name] if name in config.eval else default
-
-
 def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str, Any]:
     """Runs config.eval on this process's share of the split; returns the final figures (on every process)."""
     from nxtp_jax import eval_inputs
@@ -433,7 +429,7 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
             f"expected eval.strategy in {STRATEGIES} and eval.ranking in {RANKINGS}, "
             f"found {cfg.strategy!r} and {cfg.ranking!r}"
         )
-    clip_archive = _eval_field(config, "clip_archive", "")
+    clip_archive = cfg.clip_archive
     mesh = local_mesh(int(config.mesh.fsdp), int(config.mesh.tensor))
     tagger = load_tagger(
         ckpt,
