@@ -196,3 +196,20 @@ def test_two_processes_give_the_same_results_as_one(setup, tmp_path):
     assert len({r["path"] for r in r2}) == NUM_SAMPLES - 1
     for a, b in zip(r1, r2):
         assert a["predictions"] == b["predictions"] and a["f1"] == b["f1"]
+
+
+@pytest.mark.parametrize("strategy,ranking", [("one_shot", "ppl"), ("one_shot", "sim"), ("greedy", "prob"), ("beam", "none")])
+def test_batch_predictor_equals_tagger_predict(setup, strategy, ranking):
+    tagger = Tagger.load(setup["ckpt"])
+    mesh = evaluate.local_mesh()
+    kw = {} if strategy == "one_shot" else {"max_gen_len": 12}
+    evaluated = evaluate.BatchPredictor(
+        evaluate.load_tagger(setup["ckpt"], mesh, dtype=np.float32, param_dtype=np.float32, batch_size=8),
+        k=K, strategy=strategy, ranking_method=ranking, mesh=mesh, decoder_kw=kw,
+    )
+    crops = np.stack([preprocess.resize_center_crop(Image.fromarray(img), IMAGE_SIZE) for img in setup["images"][:8]])
+    got = evaluated.finish(evaluated.launch(crops))
+    expected = tagger.predict(list(crops), K, strategy=strategy, ranking_method=ranking, **kw)
+    for g, e in zip(got, expected):
+        assert [label for label, _ in g.labels] == [label for label, _ in e]
+        np.testing.assert_allclose([s for _, s in g.labels], [s for _, s in e], rtol=1e-4, atol=1e-6)
