@@ -318,6 +318,7 @@ def run(
             batch_size = len(batch["valid"])
             per_process = -(-total // process_count)
             needed = min(num_batches, -(-per_process // batch_size))
+            bar.total = needed
         t1 = time.perf_counter()
         launched = predictor.launch(np.asarray(batch["image"]))
         timing.model_s += time.perf_counter() - t1
