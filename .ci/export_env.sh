@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The export environments, apart from the main one (jax2onnx pins orbax-checkpoint<0.11.37):
+#   export env  nxtp_jax[onnx,savedmodel,convert,test]: exporters, JAX references, torch fixtures
+#   ort env     onnxruntime numpy pillow sentencepiece only: convert/onnx_infer.py must run there
+#
+#   bash .ci/export_env.sh         # create or update both environments (pip check must be clean)
+#   bash .ci/export_env.sh test    # ... then run tests/export in the export env
+#
+# NXTP_EXPORT_VENV / NXTP_ORT_VENV choose where they live (default /tmp/venv-export, /tmp/venv-ort).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EXPORT_VENV="${NXTP_EXPORT_VENV:-/tmp/venv-export}"
+ORT_VENV="${NXTP_ORT_VENV:-/tmp/venv-ort}"
+PYTHON="${PYTHON:-python3}"
+
+[ -x "$EXPORT_VENV/bin/python" ] || "$PYTHON" -m venv "$EXPORT_VENV"
+"$EXPORT_VENV/bin/pip" install -q -e "$ROOT[onnx,savedmodel,convert,test]"
+"$EXPORT_VENV/bin/pip" check
+
+[ -x "$ORT_VENV/bin/python" ] || "$PYTHON" -m venv "$ORT_VENV"
+"$ORT_VENV/bin/pip" install -q onnxruntime numpy pillow sentencepiece
+"$ORT_VENV/bin/pip" check
+
+if [ "${1:-}" = "test" ]; then
+    cd "$ROOT"
+    NXTP_ORT_PYTHON="$ORT_VENV/bin/python" JAX_PLATFORMS=cpu \
+        "$EXPORT_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/export
+fi

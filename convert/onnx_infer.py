@@ -1,0 +1,77 @@
+"""Tag images with an ONNX export in ONNX Runtime, without JAX, flax or torch.
+
+    python convert/onnx_infer.py --onnx_dir ONNX_DIR --num_labels 20 [--json] IMAGE [IMAGE ...]
+
+Prints what `python -m nxtp_jax.infer` prints for the checkpoint the export came from. Needs
+onnxruntime, numpy, pillow and sentencepiece, and this checkout (for the JAX-free modules
+nxtp_jax.tokenizer, .prompts, .ranking, .data.preprocess and .export.ort_tagger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+# The checkout's root, so that the JAX-free nxtp_jax modules import without installing the package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from nxtp_jax.export.ort_tagger import OrtTagger  # noqa: E402
+from nxtp_jax.ranking import RANKINGS  # noqa: E402
+
+
+def format_text(path: str, labels: Sequence[tuple[str, float]], k: int) -> str:
+    lines = [f"image: {path}", f"top-{k} predictions:"]
+    lines += [f"| prob: {prob:.5f} - {label}" for label, prob in labels]
+    return "\n".join(lines)
+
+
+def format_json(paths: Sequence[str], results: Sequence[Sequence[tuple[str, float]]]) -> str:
+    return json.dumps(
+        [
+            {"image": path, "labels": [{"label": label, "prob": float(prob)} for label, prob in labels]}
+            for path, labels in zip(paths, results)
+        ],
+        indent=2,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--onnx_dir", required=True, help="directory written by convert/to_onnx.py")
+    p.add_argument("--num_labels", type=int, default=10, help="k of the one-shot sampling: labels per image")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the original's text lines")
+    p.add_argument("--ranking", choices=RANKINGS, default="prob", help="how labels are ranked")
+    p.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence at every step (the original's way)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [p for p in args.images if not pathlib.Path(p).is_file()]
+    if missing:
+        print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    try:
+        tagger = OrtTagger(args.onnx_dir, batch_size=args.batch_size, threads=args.threads)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    results = tagger.predict(args.images, args.num_labels, ranking_method=args.ranking, cache=not args.no_cache)
+    print(f"inference time: {time.perf_counter() - start:.3f}s for {len(args.images)} image(s)", file=sys.stderr)
+    if args.json:
+        print(format_json(args.images, results))
+    else:
+        print("\n\n".join(format_text(p, r, args.num_labels) for p, r in zip(args.images, results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Export a checkpoint to ONNX with jax2onnx, and check every graph against JAX in ONNX Runtime.
+
+    ONNX_DIR/encoder.onnx (+ .data)   uint8 pixels -> image tokens
+    ONNX_DIR/decoder.onnx + .data     prefill and KV-cached steps in one graph (`graphs`)
+    ONNX_DIR/embeddings.npy           the token embedding table [V, D]
+    ONNX_DIR/tokenizer.model          the checkpoint's sentencepiece model
+    ONNX_DIR/config.json              ids, dimensions, file names, the check's max differences
+
+jax2onnx moves every initializer over 1 MB into `<graph>.onnx.data`, so the decoder stays one
+graph however large it is (protobuf's 2 GB limit applies to the .onnx file only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax2onnx import to_onnx
+
+from nxtp_jax import checkpoint, sampling
+from nxtp_jax.export import graphs
+from nxtp_jax.export.ort_tagger import CONFIG_FILE, FORMAT, make_session
+from nxtp_jax.models.recognizer import Recognizer
+from nxtp_jax.tokenizer import Tokenizer
+
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16}
+DEFAULT_OPSET = 23
+FILES = {
+    "encoder": "encoder.onnx",
+    "decoder": "decoder.onnx",
+    "embeddings": "embeddings.npy",
+    "tokenizer": "tokenizer.model",
+}
+
+
+def load(ckpt_dir: str | os.PathLike, dtype: str = "float32") -> tuple[Recognizer, Any]:
+    """The checkpoint's model and params, with the weights in `dtype` and float32 activations.
+
+    float16 weights halve the files and the export's memory; the graphs cast them to float32
+    where they are used (ONNX Runtime folds those casts when it loads the graph), because CPUs
+    have no float16 matmul in ONNX Runtime and none in XLA.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"expected dtype in {sorted(DTYPES)}, found {dtype!r}")
+    config = checkpoint.load_config(ckpt_dir)
+    model = Recognizer(config, dtype=jnp.float32, param_dtype=DTYPES[dtype])
+    return model, checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model))
+
+
+@contextlib.contextmanager
+def _quiet_onnx_ir():
+    # onnx_ir warns once per shape constant whose value type it does not record; harmless, and
+    # thousands of lines for a full-size decoder.
+    logger = logging.getLogger("onnx_ir.serde")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_model(
+    model: Recognizer,
+    params: Any,
+    tokenizer_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    source: str | None = None,
+    log=print,
+) -> dict:
+    """Writes the export into `out_dir` (which must not hold one yet) and returns its config.
+
+    `check_export(out_dir, jax_reference(model, params))` then compares it with JAX.
+    """
+    out_dir = pathlib.Path(out_dir)
+    if (out_dir / CONFIG_FILE).exists():
+        raise FileExistsError(f"{out_dir / CONFIG_FILE} already exists; choose a new --out directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    dtype, weight_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+    tok = Tokenizer(tokenizer_path)
+    if (tok.image_id, tok.empty_id) != (cfg.special_tokens.image, cfg.special_tokens.empty):
+        raise ValueError(
+            f"the model config says <|image|>={cfg.special_tokens.image}, <|empty|>={cfg.special_tokens.empty}, "
+            f"but {tokenizer_path} gives {tok.image_id}, {tok.empty_id}; pass the checkpoint's own tokenizer"
+        )
+    shutil.copyfile(tokenizer_path, out_dir / FILES["tokenizer"])
+    table = params["language_decoder"]["tok_embeddings"]["embedding"]
+    np.save(out_dir / FILES["embeddings"], np.asarray(table, weight_dtype))
+
+    with _quiet_onnx_ir():
+        log(f"exporting {FILES['encoder']} ...")
+        to_onnx(
+            functools.partial(graphs.encoder_fn(model), params),
+            graphs.encoder_specs(cfg),
+            model_name="nxtp_encoder",
+            opset=opset,
+            return_mode="file",
+            output_path=os.fspath(out_dir / FILES["encoder"]),
+            input_names=list(graphs.ENCODER_INPUTS),
+            output_names=list(graphs.ENCODER_OUTPUTS),
+        )
+        log(f"exporting {FILES['decoder']} ...")
+        inputs, outputs = graphs.decoder_io_names(cfg.decoder.layers)
+        to_onnx(
+            functools.partial(graphs.decoder_fn(model), params),
+            graphs.decoder_specs(cfg, dtype),
+            model_name="nxtp_decoder",
+            opset=opset,
+            return_mode="file",
+            output_path=os.fspath(out_dir / FILES["decoder"]),
+            input_names=inputs,
+            output_names=outputs,
+        )
+
+    for graph in (FILES["encoder"], FILES["decoder"]):
+        data = out_dir / f"{graph}.data"
+        if data.exists():  # jax2onnx writes it owner-only; readable like the .onnx next to it
+            data.chmod((out_dir / graph).stat().st_mode & 0o777)
+
+    config = {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "weight_dtype": weight_dtype.name,
+        "opset": opset,
+        "files": FILES,
+        "image_size": cfg.vision.image_size,
+        "num_image_tokens": cfg.vision.num_patches,
+        "dim": cfg.decoder.dim,
+        "layers": cfg.decoder.layers,
+        "kv_heads": cfg.decoder.kv_heads,
+        "head_dim": cfg.decoder.head_dim,
+        "vocab_size": cfg.decoder.vocab_size,
+        "max_updates": sampling.MAX_UPDATES,
+        "special_tokens": {
+            "bos": tok.bos_id,
+            "eos": tok.eos_id,
+            "image": tok.image_id,
+            "empty": tok.empty_id,
+            "delimiter": tok.delimiter_id,
+        },
+        "decoder_inputs": inputs,
+        "decoder_outputs": outputs,
+        "model": cfg.to_dict(),
+        "source": source,
+    }
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def export_checkpoint(ckpt_dir, out_dir, *, dtype: str = "float32", opset: int = DEFAULT_OPSET, check: bool = True, log=print) -> dict:
+    """Loads, exports and (with `check`) compares every graph with JAX; returns the export's config."""
+    model, params = load(ckpt_dir, dtype)
+    source = os.fspath(pathlib.Path(ckpt_dir).absolute())
+    config = export_model(model, params, checkpoint.tokenizer_path(ckpt_dir), out_dir, opset=opset, source=source, log=log)
+    if check:
+        reference = jax_reference(model, params)
+        del params  # so that JAX's copy of the weights and onnxruntime's never coexist
+        config["max_abs_diff"] = diffs = check_export(out_dir, reference)
+        for name, diff in diffs.items():
+            log(f"onnxruntime vs JAX, {name}: max abs diff {diff:.3g}")
+    return config
+
+
+Reference = dict[str, tuple[dict[str, np.ndarray], list[np.ndarray]]]
+
+
+def jax_reference(model: Recognizer, params: Any, seed: int = 0) -> Reference:
+    """JAX's outputs on `graphs.check_inputs`, per graph call: (feeds by input name, outputs)."""
+    cfg = model.config
+    pixels, calls, kv = graphs.check_inputs(cfg, np.dtype(jnp.dtype(model.dtype)), seed)
+    reference = {"encoder": ({"images": pixels}, [np.asarray(jax.jit(graphs.encoder_fn(model))(params, pixels))])}
+    names, _ = graphs.decoder_io_names(cfg.decoder.layers)
+    decode = jax.jit(graphs.decoder_fn(model))
+    for name, args in calls.items():
+        outputs = [np.asarray(x) for x in decode(params, *args, *kv)]
+        reference[f"decoder {name}"] = (dict(zip(names, args + kv)), outputs)
+        kv = outputs[1:]
+    return reference
+
+
+def check_export(out_dir: str | os.PathLike, reference: Reference) -> dict[str, float]:
+    """Max abs differences between ONNX Runtime and JAX's `reference`, per call; recorded in config.json."""
+    out_dir = pathlib.Path(out_dir)
+    diffs = {}
+    sessions = {"encoder": make_session(out_dir / FILES["encoder"])}
+    got = sessions["encoder"].run(None, reference["encoder"][0])[0]
+    diffs["encoder"] = graphs.max_abs_diff(got, reference["encoder"][1][0])
+    del sessions  # one graph's weights in memory at a time
+    decoder = make_session(out_dir / FILES["decoder"])
+    for name, (feeds, want) in reference.items():
+        if name == "encoder":
+            continue
+        got = decoder.run(None, feeds)
+        diffs[f"{name} logits"] = graphs.max_abs_diff(got[0], want[0])
+        diffs[f"{name} cache"] = max(graphs.max_abs_diff(g, w) for g, w in zip(got[1:], want[1:]))
+    path = out_dir / CONFIG_FILE
+    config = json.loads(path.read_text())
+    config["max_abs_diff"] = diffs
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return diffs
+
+
+def file_sizes(out_dir: str | os.PathLike) -> dict[str, int]:
+    """Bytes of every file of the export, by name."""
+    return {p.name: p.stat().st_size for p in sorted(pathlib.Path(out_dir).iterdir()) if p.is_file()}
