@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The export environments, apart from the main one (jax2onnx pins orbax-checkpoint<0.11.37):
-#   export env  nxtp_jax[onnx,savedmodel,convert,test]: exporters, JAX references, torch fixtures
+#   export env  nxtp_jax[onnx,savedmodel,convert] + pytest: exporters, JAX references, torch fixtures
 #   ort env     onnxruntime numpy pillow sentencepiece only: convert/onnx_infer.py must run there
 #
 #   bash .ci/export_env.sh         # create or update both environments (pip check must be clean)
@@ -15,7 +15,7 @@ ORT_VENV="${NXTP_ORT_VENV:-/tmp/venv-ort}"
 PYTHON="${PYTHON:-python3}"
 
 [ -x "$EXPORT_VENV/bin/python" ] || "$PYTHON" -m venv "$EXPORT_VENV"
-"$EXPORT_VENV/bin/pip" install -q -e "$ROOT[onnx,savedmodel,convert,test]"
+"$EXPORT_VENV/bin/pip" install -q -e "$ROOT[onnx,savedmodel,convert]" pytest
 "$EXPORT_VENV/bin/pip" check
 
 [ -x "$ORT_VENV/bin/python" ] || "$PYTHON" -m venv "$ORT_VENV"

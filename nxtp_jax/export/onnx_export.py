@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -24,7 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 from jax2onnx import to_onnx
+from onnx import numpy_helper
 
 from nxtp_jax import checkpoint, sampling
 from nxtp_jax.export import graphs
@@ -34,6 +37,7 @@ from nxtp_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16}
 DEFAULT_OPSET = 23
+EXTERNAL_BYTES = 1024 * 1024  # initializers this large go to <graph>.onnx.data (jax2onnx's threshold)
 FILES = {
     "encoder": "encoder.onnx",
     "decoder": "decoder.onnx",
@@ -45,9 +49,9 @@ FILES = {
 def load(ckpt_dir: str | os.PathLike, dtype: str = "float32") -> tuple[Recognizer, Any]:
     """The checkpoint's model and params, with the weights in `dtype` and float32 activations.
 
-    float16 weights halve the files and the export's memory; the graphs cast them to float32
-    where they are used (ONNX Runtime folds those casts when it loads the graph), because CPUs
-    have no float16 matmul in ONNX Runtime and none in XLA.
+    float16 weights halve the files; the graphs cast them to float32 where they are used (ONNX
+    Runtime folds those casts when it loads the graph), because neither ONNX Runtime's CPU
+    kernels nor XLA's CPU backend multiply float16 matrices.
     """
     if dtype not in DTYPES:
         raise ValueError(f"expected dtype in {sorted(DTYPES)}, found {dtype!r}")
@@ -125,6 +129,8 @@ def export_model(
         )
 
     for graph in (FILES["encoder"], FILES["decoder"]):
+        if weight_dtype == jnp.float16:
+            store_weights_as_float16(out_dir / graph)
         data = out_dir / f"{graph}.data"
         if data.exists():  # jax2onnx writes it owner-only; readable like the .onnx next to it
             data.chmod((out_dir / graph).stat().st_mode & 0o777)
@@ -157,6 +163,35 @@ def export_model(
     }
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
+
+
+def store_weights_as_float16(path: pathlib.Path) -> int:
+    """Stores the float32 weights of `path` that are exact float16 values as float16 + a Cast node.
+
+    jax2onnx folds the graph's float16 -> float32 casts of constant weights, so a float16
+    export first comes out with float32 weights; this puts the casts back (ONNX Runtime folds
+    them again when it loads the graph). Returns the number of weights converted.
+    """
+    model = onnx.load(os.fspath(path))
+    casts = []
+    for tensor in model.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT or math.prod(tensor.dims) * 4 < EXTERNAL_BYTES:
+            continue
+        value = numpy_helper.to_array(tensor)
+        half = value.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), value):
+            continue
+        name = tensor.name
+        tensor.CopyFrom(numpy_helper.from_array(half, f"{name}__float16"))
+        casts.append(onnx.helper.make_node("Cast", [tensor.name], [name], to=onnx.TensorProto.FLOAT))
+    nodes = casts + list(model.graph.node)  # the casts first, to keep the nodes topologically sorted
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=EXTERNAL_BYTES)
+    return len(casts)
 
 
 def export_checkpoint(ckpt_dir, out_dir, *, dtype: str = "float32", opset: int = DEFAULT_OPSET, check: bool = True, log=print) -> dict:

@@ -19,7 +19,6 @@ import pytest
 
 from export_helpers import ROOT, assert_same_predictions, export, infer_json, run, tiny_checkpoint, write_images
 from nxtp_jax import checkpoint, prompts, sampling
-from nxtp_jax.export import onnx_export
 from nxtp_jax.export.ort_tagger import OrtTagger
 from nxtp_jax.models.config import DecoderConfig
 from nxtp_jax.models.recognizer import Recognizer, init_params
@@ -90,7 +89,7 @@ def test_decoder_is_one_graph_with_external_data(tmp_path, sp_model_path, weight
     """Weights over 1 MB go to decoder.onnx.data; the graph stays one .onnx file (float16 halves the data)."""
     tok = Tokenizer(sp_model_path)
     config = tiny_config(tok, layers=1)
-    config = dataclasses.replace(config, decoder=DecoderConfig(dim=512, layers=1, n_heads=4, vocab_size=tok.vocab_size, multiple_of=64))
+    config = dataclasses.replace(config, decoder=DecoderConfig(dim=768, layers=1, n_heads=4, vocab_size=tok.vocab_size, multiple_of=64))
     model = Recognizer(config)
     ckpt = checkpoint.save(tmp_path / "ckpt", init_params(model, jax.random.key(0)), config, sp_model_path)
     export(ckpt, tmp_path / "onnx", "--dtype", weights)
@@ -98,7 +97,7 @@ def test_decoder_is_one_graph_with_external_data(tmp_path, sp_model_path, weight
     external = [t for t in decoder.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     locations = {e.value for t in external for e in t.external_data if e.key == "location"}
     assert locations == {"decoder.onnx.data"}
-    wq = 512 * 512 * (4 if weights == "float32" else 2)
+    wq = 768 * 768 * (4 if weights == "float32" else 2)
     assert len(external) >= 7 and (tmp_path / "onnx" / "decoder.onnx.data").stat().st_size > 7 * wq
     onnx.checker.check_model(str(tmp_path / "onnx" / "decoder.onnx"))
     config = json.loads((tmp_path / "onnx" / "config.json").read_text())
