@@ -121,10 +121,15 @@ class Tagger:
         return np.asarray(self.params["language_decoder"]["tok_embeddings"]["embedding"], np.float32)
 
     def loss(self, images: Sequence[Any], labels: Sequence[Sequence[str]], *, max_seq_len: int = MAX_SEQ_LEN) -> float:
-        """The training objective on one batch: first template, labels in the given order, token mean."""
+        """The training objective on one batch: first template, labels in the given order, token mean.
+
+        Labels are lowercased, as every label path of the original does (caption nouns, or
+        `skip_extract_nouns`).
+        """
         if len(images) != len(labels):
             raise ValueError(f"expected one label list per image, found {len(images)} images and {len(labels)} label lists")
         n = self.model.config.vision.num_patches
+        labels = [[label.lower() for label in sample] for sample in labels]
         text = prompts.object_batch(
             self.tokenizer, labels, max_text_len=max_seq_len - n, template=prompts.OBJECT_TEMPLATES[0], rng=None
         )
