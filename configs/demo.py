@@ -31,7 +31,7 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
     c.model.decoder.n_heads = 4
     c.model.decoder.multiple_of = 32
     c.model.dtype = "float32"  # CPUs gain nothing from bf16
-    c.tokenizer.vocab_size = 300
+    c.tokenizer.vocab_size = 700  # whole words for the labels and the templates
 
     c.data.root = "./data"
     c.data.train = ("shapes_train",)
@@ -53,18 +53,24 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
     c.optim.warmup_ratio = 0.0
     c.optim.warmup_steps = 30
     c.optim.force_decay = ()
+    c.optim.schedule = "warmup_cosine"  # no full-rate first update (the original's quirk) from scratch
 
     c.trainable = (".*",)  # from scratch, everything trains
     c.embedding_rows = ("*",)
 
-    c.mesh.data = 1  # one CPU device
     c.checkpoint.save_interval_steps = 200
     c.log_every_steps = 20
 
     c.eval.dataset = "shapes_val"
-    c.eval.k = 5
+    # Images have 2-6 labels from a closed set of 15 words. MiniLM rates any two colour words
+    # (or any two shape names) as close, so there the label prior alone scores F1 0.67 and a
+    # perfect model 0.92: exact matching is the metric that tells learning from guessing.
+    # k = 4 is the best fixed k for 2-6 labels (a perfect model scores 0.82).
+    c.eval.embedder = "exact"
+    c.eval.k = 4
     c.eval.batch_size = 100
     c.eval.examples = 5
+    c.eval.baseline = True
     if variant == "tiny":
         _tiny(c)
     elif variant:

@@ -85,11 +85,13 @@ def abstract_params(model, mesh=None, rules=None) -> Any:
 # tokenizer like any other, plus a "training" entry saying where the weights are:
 #     WORKDIR/config.json, WORKDIR/tokenizer.model
 #     WORKDIR/checkpoints/<step>/params/   the trainable params only (orbax CheckpointManager)
-# The frozen params come from the init checkpoint, or from the seeded random init.
+#     WORKDIR/frozen_params/               from scratch: the random init of the frozen params
+# The frozen params come from the init checkpoint, or (from scratch) from frozen_params/.
 
 TRAINING_KEY = "training"
 STEPS_DIR = "checkpoints"
 TRAINABLE_ITEM = "params"
+FROZEN_DIR = "frozen_params"
 
 
 def write_training_meta(
@@ -100,7 +102,10 @@ def write_training_meta(
     init: dict[str, Any],
     trainable: list[str],
 ) -> pathlib.Path:
-    """Makes `workdir` loadable by `Tagger.load`. `init` is {"kind": "checkpoint", "path": DIR} or {"kind": "scratch", "seed": S}."""
+    """Makes `workdir` loadable by `Tagger.load`. `init` is {"kind": "checkpoint", "path": DIR} or {"kind": "scratch", "seed": S}.
+
+    From scratch, frozen params (if any) must be saved with `save_frozen`.
+    """
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     if init.get("kind") not in ("checkpoint", "scratch"):
@@ -127,11 +132,50 @@ def training_steps(workdir: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def sharded_abstract_params(model, mesh=None, rules=None) -> Any:
+    """ShapeDtypeStructs of `model`'s params that carry their NamedShardings, so a restore lands sharded.
+
+    (`abstract_params` goes through eval_shape, which drops the shardings.)
+    """
+    import flax.linen as nn
+
+    from nxtp_jax import sharding
+
+    mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+    cfg = model.config
+    r, n = cfg.vision.image_size, cfg.vision.num_patches
+
+    def init(key):
+        return model.init(
+            key, jnp.zeros((1, r, r, 3), jnp.float32), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 1, n + 2, n + 2), bool)
+        )
+
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)["params"]
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed)["params"], shardings
+    )
+
+
 def scratch_params(model, seed: int, mesh=None, rules=None) -> Any:
-    """The random init of a from-scratch run (the same values for any mesh)."""
+    """The random init of a from-scratch run."""
     from nxtp_jax.models.recognizer import init_params
 
     return init_params(model, jax.random.key(seed), mesh, rules)
+
+
+def save_frozen(workdir: str | os.PathLike, frozen: Any) -> None:
+    """Keeps a from-scratch run's frozen params (random values that depend on the mesh); every process calls it."""
+    if not jax.tree_util.tree_leaves(frozen):
+        return
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(pathlib.Path(workdir).absolute() / FROZEN_DIR, frozen, force=True)
+        ckptr.wait_until_finished()
+
+
+def load_frozen(workdir: str | os.PathLike, abstract_frozen: Any) -> Any:
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(pathlib.Path(workdir).absolute() / FROZEN_DIR, abstract_frozen)
 
 
 def load_training_params(workdir: str | os.PathLike, model, mesh=None, rules=None, step: int | None = None) -> Any:
@@ -149,16 +193,15 @@ def load_training_params(workdir: str | os.PathLike, model, mesh=None, rules=Non
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"{workdir}: expected a checkpoint of step {step}, found steps {steps}")
-    abstract = abstract_params(model, mesh, rules)
+    abstract = sharded_abstract_params(model, mesh, rules)
     abstract_trainable, abstract_frozen = optim.split(abstract, training["trainable"])
     item = pathlib.Path(workdir).absolute() / STEPS_DIR / str(step) / TRAINABLE_ITEM
     with ocp.StandardCheckpointer() as ckptr:
         trainable = ckptr.restore(item, abstract_trainable)
     if not jax.tree_util.tree_leaves(abstract_frozen):
         return trainable
-    init = training["init"]
-    if init["kind"] == "checkpoint":
-        full = load_params(init["path"], abstract)
+    if training["init"]["kind"] == "checkpoint":
+        frozen = optim.split(load_params(training["init"]["path"], abstract), training["trainable"])[1]
     else:
-        full = scratch_params(model, init["seed"], mesh, rules)
-    return optim.merge(trainable, optim.split(full, training["trainable"])[1])
+        frozen = load_frozen(workdir, abstract_frozen)
+    return optim.merge(trainable, frozen)

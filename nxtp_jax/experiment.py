@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import config_dict
 
 from nxtp_jax import optim
@@ -112,6 +113,17 @@ def per_process_batch(config: config_dict.ConfigDict, process_count: int | None 
 
 def mesh_shape(config: config_dict.ConfigDict) -> dict[str, int]:
     return {axis: int(config.mesh[axis]) for axis in MESH_AXES}
+
+
+def make_mesh(config: config_dict.ConfigDict):
+    """config.mesh over all devices, or over the first ones when every size is given and they are fewer."""
+    from nxtp_jax import sharding
+
+    shape = mesh_shape(config)
+    devices = jax.devices()
+    if -1 not in shape.values():
+        devices = devices[: int(np.prod(list(shape.values())))]
+    return sharding.make_mesh(shape, devices=devices)
 
 
 def tokenizer_path(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
@@ -242,9 +254,12 @@ def _check_training(config, need, process_count, device_count) -> None:
     known = 1
     for size in shape.values():
         known *= size if size > 0 else 1
+    # One process may use the first devices only (e.g. one CPU device); several must use all.
+    fits = devices % known == 0 if -1 in shape.values() else (devices == known or (processes == 1 and known < devices))
     need(
-        list(shape.values()).count(-1) <= 1 and devices % known == 0,
-        f"mesh: {shape} does not fit {devices} devices; use -1 for at most one axis and sizes that divide the device count",
+        list(shape.values()).count(-1) <= 1 and fits,
+        f"mesh: {shape} does not fit the {devices} devices of {processes} process(es); the sizes must multiply "
+        "to the device count (use -1 for one axis to take the rest)",
     )
     sizes = {axis: (devices // known if size == -1 else size) for axis, size in shape.items()}
     batch_shards = sizes["data"] * sizes["fsdp"]

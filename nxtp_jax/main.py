@@ -4,8 +4,9 @@
     python -m nxtp_jax.main --config=configs/g3m.py --workdir=runs/g3m --config.data.root=/data
     python -m nxtp_jax.main --config=... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
-Multi-host runs are detected under SLURM (more than one task) and on multi-host TPU VMs;
-elsewhere the three flags above start `jax.distributed` explicitly.
+Multi-host runs are detected under SLURM (more than one task) and on multi-host TPU VMs
+(`--distributed=on` leaves the detection to JAX); elsewhere the three flags above start
+`jax.distributed` explicitly.
 """
 
 from __future__ import annotations
@@ -17,16 +18,24 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; defaults to config.workdir.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed: 'auto' starts it under SLURM with several tasks and on multi-host TPU VMs; "
+    "'on' always (JAX detects the cluster: TPU, SLURM, Open MPI, Kubernetes); 'off' never.",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for explicit multi-host runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
 
 
 def _cluster_detected() -> bool:
-    """SLURM with several tasks, or a TPU VM that is one worker of several."""
+    """SLURM with several tasks, or a TPU VM that is one worker of several (or of several slices)."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
         return True
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    workers = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
+    return "," in workers or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 
 
 def initialize_distributed() -> None:
@@ -42,7 +51,7 @@ def initialize_distributed() -> None:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
         )
-    elif _cluster_detected():
+    elif _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _cluster_detected()):
         jax.distributed.initialize()
 
 
@@ -73,6 +82,10 @@ def main(argv: list[str]) -> None:
         from nxtp_jax.evaluate import evaluate
 
         evaluate(config, workdir)
+        if config.eval.baseline and jax.process_index() == 0:
+            from nxtp_jax.baseline import frequency_baseline
+
+            frequency_baseline(config, workdir)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def check_init_checkpoint(ckpt: str, expected: ModelConfig) -> None:
 def init_params(config: config_dict.ConfigDict, model: Recognizer, mesh, rules) -> Any:
     if config.model.init == "checkpoint":
         check_init_checkpoint(config.model.checkpoint, model.config)
-        return checkpoint.load_params(config.model.checkpoint, checkpoint.abstract_params(model, mesh, rules))
+        return checkpoint.load_params(config.model.checkpoint, checkpoint.sharded_abstract_params(model, mesh, rules))
     return checkpoint.scratch_params(model, config.seed, mesh, rules)
 
 
@@ -192,7 +192,7 @@ class Setup:
 
 
 def setup(config: config_dict.ConfigDict, workdir: pathlib.Path, shards: list[str]) -> Setup:
-    mesh = sharding.make_mesh(experiment.mesh_shape(config))
+    mesh = experiment.make_mesh(config)
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
     tok = prepare_tokenizer(config, workdir, shards)
     model = build_model(config, experiment.model_config(config, tok))
@@ -229,6 +229,15 @@ def checkpoint_manager(config: config_dict.ConfigDict, workdir: pathlib.Path) ->
         enable_async_checkpointing=config.checkpoint.async_save,
     )
     return ocp.CheckpointManager((workdir / checkpoint.STEPS_DIR).absolute(), options=options)
+
+
+@jax.jit
+def _finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _all_finite(tree: Any) -> bool:
+    return bool(_finite(tree))
 
 
 def _abstract(tree: Any) -> Any:
@@ -297,7 +306,13 @@ def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainRe
     data_iter = train_iterator(config, shards)
     manager = checkpoint_manager(config, workdir)
     start = manager.latest_step() or 0
-    state = s.state
+    state, frozen = s.state, s.frozen
+    if config.model.init == "scratch" and jax.tree.leaves(frozen):
+        # Random values depend on the mesh: a resumed run keeps the ones it started with.
+        if start:
+            frozen = checkpoint.load_frozen(workdir, _abstract(frozen))
+        else:
+            checkpoint.save_frozen(workdir, frozen)
     if start:
         state = restore(manager, start, state, data_iter, s.mesh)
         print(f"resumed from step {start} in {workdir / checkpoint.STEPS_DIR}", flush=True)
@@ -330,13 +345,13 @@ def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainRe
 
     watch = PreemptionWatch()
     step, preempted, loss = start, False, math.nan
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_skipped, skipped_total = time.perf_counter(), 0, 0, 0
     try:
         if step < last:
             batch, epoch, data_time = fetch(step)
         t_iter = time.perf_counter()
         while step < last:
-            state, metrics = s.step_fn(state, s.frozen, batch)
+            state, metrics = s.step_fn(state, frozen, batch)
             step += 1
             preempted = watch.reached(step)
             save_now = preempted or step == last or step % config.checkpoint.save_interval_steps == 0
@@ -355,21 +370,31 @@ def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainRe
             now = time.perf_counter()
             batch_time, t_iter = now - t_iter, now
             window_steps += 1
+            window_skipped += int(metrics["skipped"])
+            skipped_total += int(metrics["skipped"])
             if step % config.log_every_steps == 0 or step == start + 1 or step == last or preempted:
                 elapsed = now - window_start
                 record = {
                     "step": step,
                     "epoch": epoch,
                     **{k: float(v) for k, v in metrics.items() if k != "skipped"},
-                    "skipped_samples": int(metrics["skipped"]),
+                    "skipped_samples": window_skipped,  # bad samples dropped since the previous record
+                    "skipped_total": skipped_total,
                     "samples_per_sec": config.batch_size * window_steps / elapsed,
                     "tokens_per_sec": config.batch_size * window_steps * config.max_seq_len / elapsed,
                     "data_time": data_time,
                     "batch_time": batch_time,
                 }
                 logger.write(record)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
             if save_now:
+                if not _all_finite(state.params):
+                    manager.wait_until_finished()
+                    raise FloatingPointError(
+                        f"the parameters became non-finite in the update of step {step} (its loss, {loss}, was "
+                        f"still finite); stopping without saving them. The last good checkpoint is step "
+                        f"{manager.latest_step()}. Lower optim.lr or enable optim.grad_clip"
+                    )
                 save(manager, step, state, data_iter, config)
                 if preempted:
                     print(f"preempted: saved step {step}; run the same command again to resume", flush=True)

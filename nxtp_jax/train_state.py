@@ -15,6 +15,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -67,19 +68,49 @@ def create(
     """
     trainable, frozen = optim.split(params, trainable_patterns)
     tx = make_tx(trainable)
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    return TrainState(step=step, params=trainable, opt_state=opt_state), frozen, tx
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, trainable: Any, mesh: Mesh) -> Any:
+    """Shardings of `tx`'s state: a param's moments like the param, everything else (counts) replicated.
+
+    `trainable` may hold arrays or ShapeDtypeStructs that carry shardings.
+    """
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(tx.init, trainable)
-    opt_shardings = optax.tree_map_params(
+    return optax.tree_map_params(
         tx,
         lambda _, sharding: sharding,
-        abstract_opt,
+        jax.eval_shape(tx.init, trainable),
         jax.tree.map(lambda x: x.sharding, trainable),
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
     )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    return TrainState(step=step, params=trainable, opt_state=opt_state), frozen, tx
+
+
+def abstract_state(abstract_params: Any, trainable_patterns: tuple[str, ...], make_tx, mesh: Mesh) -> tuple[TrainState, Any]:
+    """(state, frozen) as ShapeDtypeStructs with their shardings, from sharded abstract params; allocates nothing."""
+    trainable, frozen = optim.split(abstract_params, trainable_patterns)
+    tx = make_tx(trainable)
+    opt = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(tx.init, trainable),
+        opt_state_shardings(tx, trainable, mesh),
+    )
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    return TrainState(step=step, params=trainable, opt_state=opt), frozen
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes of `tree` (arrays or sharded ShapeDtypeStructs) held by the device with the largest share."""
+    totals: dict[Any, int] = {}
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        nbytes = int(np.prod(shard, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        for device in x.sharding.device_set:
+            totals[device] = totals.get(device, 0) + nbytes
+    return max(totals.values(), default=0)
 
 
 def _loss(model: Recognizer, opts: StepOptions, trainable, frozen, batch: Batch, counts):
