@@ -6,7 +6,8 @@
 #   bash .ci/export_env.sh         # create or update both environments (pip check must be clean)
 #   bash .ci/export_env.sh test    # ... then run tests/export in the export env
 #
-# NXTP_EXPORT_VENV / NXTP_ORT_VENV choose where they live (default /tmp/venv-export, /tmp/venv-ort).
+# NXTP_EXPORT_VENV / NXTP_ORT_VENV choose where they live (default /tmp/venv-export, /tmp/venv-ort),
+# NXTP_TORCH the torch requirement of the export env (default torch==2.13.0, the CPU wheel).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,7 +15,12 @@ EXPORT_VENV="${NXTP_EXPORT_VENV:-/tmp/venv-export}"
 ORT_VENV="${NXTP_ORT_VENV:-/tmp/venv-ort}"
 PYTHON="${PYTHON:-python3}"
 
+# The CPU build of torch first (the torch fixtures need no more): left to the resolver, the
+# convert extra's torch>=2.1 picks the newest release, a CUDA build of several GB.
+TORCH="${NXTP_TORCH:-torch==2.13.0}"
+
 [ -x "$EXPORT_VENV/bin/python" ] || "$PYTHON" -m venv "$EXPORT_VENV"
+"$EXPORT_VENV/bin/pip" install -q "$TORCH"
 "$EXPORT_VENV/bin/pip" install -q -e "$ROOT[onnx,savedmodel,convert]" pytest
 "$EXPORT_VENV/bin/pip" check
 
