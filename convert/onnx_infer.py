@@ -10,33 +10,16 @@ nxtp_jax.tokenizer, .prompts, .ranking, .data.preprocess and .export.ort_tagger)
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
-from typing import Sequence
 
 # The checkout's root, so that the JAX-free nxtp_jax modules import without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from nxtp_jax.export.ort_tagger import OrtTagger  # noqa: E402
+from nxtp_jax.formatting import format_json, format_text  # noqa: E402
 from nxtp_jax.ranking import RANKINGS  # noqa: E402
-
-
-def format_text(path: str, labels: Sequence[tuple[str, float]], k: int) -> str:
-    lines = [f"image: {path}", f"top-{k} predictions:"]
-    lines += [f"| prob: {prob:.5f} - {label}" for label, prob in labels]
-    return "\n".join(lines)
-
-
-def format_json(paths: Sequence[str], results: Sequence[Sequence[tuple[str, float]]]) -> str:
-    return json.dumps(
-        [
-            {"image": path, "labels": [{"label": label, "prob": float(prob)} for label, prob in labels]}
-            for path, labels in zip(paths, results)
-        ],
-        indent=2,
-    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

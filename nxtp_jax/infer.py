@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 import time
@@ -13,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 from absl import app, flags, logging
+
+from nxtp_jax.formatting import format_json, format_text
 
 CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory (from convert/from_torch.py or training).", required=True)
 NUM_LABELS = flags.DEFINE_integer("num_labels", 10, "k of the one-shot sampling: labels per image.")
@@ -22,22 +23,6 @@ BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 ATTENTION_DIR = flags.DEFINE_string(
     "save_attention_maps", None, "Directory for per-layer/per-head image-token attention grids (PNG)."
 )
-
-
-def format_text(path: str, labels: Sequence[tuple[str, float]], k: int) -> str:
-    lines = [f"image: {path}", f"top-{k} predictions:"]
-    lines += [f"| prob: {prob:.5f} - {label}" for label, prob in labels]
-    return "\n".join(lines)
-
-
-def format_json(paths: Sequence[str], results: Sequence[Sequence[tuple[str, float]]]) -> str:
-    return json.dumps(
-        [
-            {"image": path, "labels": [{"label": label, "prob": float(prob)} for label, prob in labels]}
-            for path, labels in zip(paths, results)
-        ],
-        indent=2,
-    )
 
 
 def attention_grid(maps: np.ndarray) -> np.ndarray:

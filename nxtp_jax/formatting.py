@@ -1,0 +1,29 @@
+"""How the command-line taggers print predictions (`nxtp_jax.infer` and `convert/onnx_infer.py`).
+
+No JAX and no absl here: the JAX-free ONNX runner imports it too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+Labels = Sequence[tuple[str, float]]
+
+
+def format_text(path: str, labels: Labels, k: int) -> str:
+    """The original's lines: `top-k predictions:` then `| prob: 0.54581 - cloud`, under the image path."""
+    lines = [f"image: {path}", f"top-{k} predictions:"]
+    lines += [f"| prob: {prob:.5f} - {label}" for label, prob in labels]
+    return "\n".join(lines)
+
+
+def format_json(paths: Sequence[str], results: Sequence[Labels]) -> str:
+    """`[{"image": path, "labels": [{"label": ..., "prob": ...}]}]`."""
+    return json.dumps(
+        [
+            {"image": path, "labels": [{"label": label, "prob": float(prob)} for label, prob in labels]}
+            for path, labels in zip(paths, results)
+        ],
+        indent=2,
+    )
