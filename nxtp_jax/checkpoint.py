@@ -14,7 +14,6 @@ import shutil
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from nxtp_jax.models.config import ModelConfig
@@ -71,12 +70,23 @@ def load_params(ckpt_dir: str | os.PathLike, abstract_params: Any) -> Any:
 
 
 def abstract_params(model, mesh=None, rules=None) -> Any:
-    """ShapeDtypeStructs (with shardings) of `model`'s params, without allocating them."""
-    from nxtp_jax import sharding
-    from nxtp_jax.models.recognizer import init_params
+    """ShapeDtypeStructs of `model`'s params carrying their NamedShardings on `mesh`, so a restore lands sharded.
 
-    mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
-    return jax.eval_shape(lambda k: init_params(model, k, mesh, rules), jax.random.key(0))
+    Nothing is allocated. The default mesh is this process's first device.
+    """
+    import functools
+
+    import flax.linen as nn
+
+    from nxtp_jax import sharding
+    from nxtp_jax.models.recognizer import init_variables
+
+    mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices()[:1])
+    boxed = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
+    shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)["params"]
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed)["params"], shardings
+    )
 
 
 # -- training workdirs --
@@ -132,31 +142,6 @@ def training_steps(workdir: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def sharded_abstract_params(model, mesh=None, rules=None) -> Any:
-    """ShapeDtypeStructs of `model`'s params that carry their NamedShardings, so a restore lands sharded.
-
-    (`abstract_params` goes through eval_shape, which drops the shardings.)
-    """
-    import flax.linen as nn
-
-    from nxtp_jax import sharding
-
-    mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
-    cfg = model.config
-    r, n = cfg.vision.image_size, cfg.vision.num_patches
-
-    def init(key):
-        return model.init(
-            key, jnp.zeros((1, r, r, 3), jnp.float32), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 1, n + 2, n + 2), bool)
-        )
-
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)["params"]
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed)["params"], shardings
-    )
-
-
 def scratch_params(model, seed: int, mesh=None, rules=None) -> Any:
     """The random init of a from-scratch run."""
     from nxtp_jax.models.recognizer import init_params
@@ -193,7 +178,7 @@ def load_training_params(workdir: str | os.PathLike, model, mesh=None, rules=Non
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"{workdir}: expected a checkpoint of step {step}, found steps {steps}")
-    abstract = sharded_abstract_params(model, mesh, rules)
+    abstract = abstract_params(model, mesh, rules)
     abstract_trainable, abstract_frozen = optim.split(abstract, training["trainable"])
     item = pathlib.Path(workdir).absolute() / STEPS_DIR / str(step) / TRAINABLE_ITEM
     with ocp.StandardCheckpointer() as ckptr:

@@ -26,19 +26,15 @@ import time
 import zlib
 from typing import Any, Iterable, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from nxtp_jax import checkpoint, decoding, experiment, metrics, ranking, sampling, sharding
+from nxtp_jax import decoding, experiment, metrics, ranking, sampling, sharding
 from nxtp_jax.data import preprocess
-from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.tagger import Tagger
-from nxtp_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -71,34 +67,9 @@ def local_mesh(fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = N
     return sharding.make_mesh({"data": -1, "fsdp": fsdp, "tensor": tensor}, devices)
 
 
-def sharded_abstract_params(model: Recognizer, mesh: Mesh, rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES) -> Any:
-    """ShapeDtypeStructs of `model`'s params with their shardings on `mesh`, for orbax to restore into.
-
-    `checkpoint.abstract_params` returns them without shardings, so orbax falls back to the
-    saving mesh, whose devices other processes cannot address.
-    """
-    cfg = model.config
-    r, n = cfg.vision.image_size, cfg.vision.num_patches
-
-    def init_fn(key: jax.Array) -> Any:
-        return model.init(key, jnp.zeros((1, r, r, 3)), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 1, n + 2, n + 2), bool))
-
-    boxed = jax.eval_shape(init_fn, jax.random.key(0))
-    shardings = sharding.param_shardings(boxed, mesh, rules)["params"]
-    shapes = nn.meta.unbox(boxed)["params"]
-    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-
-
 def load_tagger(ckpt: str | os.PathLike, mesh: Mesh, *, dtype: Any, param_dtype: Any, batch_size: int) -> Tagger:
-    """`Tagger.load` onto this process's mesh."""
-    if checkpoint.is_training_workdir(ckpt):
-        tagger = Tagger.load(ckpt, dtype=dtype, param_dtype=param_dtype, mesh=mesh, batch_size=batch_size)
-        tagger.params = place_params(tagger.params, mesh)
-        return tagger
-    model = Recognizer(checkpoint.load_config(ckpt), dtype=dtype, param_dtype=param_dtype)
-    tok = Tokenizer(checkpoint.tokenizer_path(ckpt))
-    params = checkpoint.load_params(ckpt, sharded_abstract_params(model, mesh))
-    return Tagger(model, params, tok, batch_size=batch_size)
+    """`Tagger.load` onto this process's mesh (a checkpoint directory or a training workdir)."""
+    return Tagger.load(ckpt, dtype=dtype, param_dtype=param_dtype, mesh=mesh, batch_size=batch_size)
 
 
 def place_params(params: Any, mesh: Mesh) -> Any:

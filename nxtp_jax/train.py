@@ -165,7 +165,7 @@ def check_init_checkpoint(ckpt: str, expected: ModelConfig) -> None:
 def init_params(config: config_dict.ConfigDict, model: Recognizer, mesh, rules) -> Any:
     if config.model.init == "checkpoint":
         check_init_checkpoint(config.model.checkpoint, model.config)
-        return checkpoint.load_params(config.model.checkpoint, checkpoint.sharded_abstract_params(model, mesh, rules))
+        return checkpoint.load_params(config.model.checkpoint, checkpoint.abstract_params(model, mesh, rules))
     return checkpoint.scratch_params(model, config.seed, mesh, rules)
 
 

@@ -108,7 +108,7 @@ def build(config, mesh, rules, abstract_only: bool):
         return optim.adamw(schedule, decay, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
 
     if abstract_only:
-        abstract = checkpoint.sharded_abstract_params(model, mesh, rules)
+        abstract = checkpoint.abstract_params(model, mesh, rules)
         return model, train_state.abstract_state(abstract, tuple(config.trainable), make_tx, mesh)
     params = checkpoint.scratch_params(model, config.seed, mesh, rules)
     state, frozen, tx = train_state.create(params, tuple(config.trainable), make_tx, mesh)

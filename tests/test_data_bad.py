@@ -1,7 +1,6 @@
 """Bad data is skipped and counted per kind, never a crash or a hang; a bomb is refused."""
 
 import io
-import json
 import logging
 import os
 import struct

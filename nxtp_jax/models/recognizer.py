@@ -8,6 +8,7 @@ The top-level parameter names are those of the released checkpoints
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -56,18 +57,20 @@ class Recognizer(nn.Module):
         return self.logits(hidden[:, img.shape[1] :])
 
 
+def init_variables(model: Recognizer, key: jax.Array) -> dict:
+    """`model.init` on inputs of the right shapes: boxed variables that carry logical axes."""
+    cfg = model.config
+    r, n = cfg.vision.image_size, cfg.vision.num_patches
+    images = jnp.zeros((1, r, r, 3), jnp.float32)
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    mask = jnp.ones((1, 1, n + 2, n + 2), bool)
+    return model.init(key, images, tokens, mask)
+
+
 def init_params(model: Recognizer, rng: jax.Array, mesh=None, rules=None) -> dict:
     """Randomly initialised params, created directly in their shardings (see `sharding.init_sharded`)."""
     from nxtp_jax import sharding
 
-    cfg = model.config
-    r, n = cfg.vision.image_size, cfg.vision.num_patches
-
-    def init_fn(key):
-        images = jnp.zeros((1, r, r, 3), jnp.float32)
-        tokens = jnp.zeros((1, 2), jnp.int32)
-        mask = jnp.ones((1, 1, n + 2, n + 2), bool)
-        return model.init(key, images, tokens, mask)
-
     mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+    init_fn = functools.partial(init_variables, model)
     return sharding.init_sharded(init_fn, rng, mesh, rules or sharding.DEFAULT_RULES)["params"]
