@@ -24,7 +24,7 @@ import os
 import pathlib
 import time
 import zlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -32,15 +32,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from nxtp_jax import decoding, experiment, metrics, ranking, sampling, sharding
+from nxtp_jax import experiment, metrics, ranking, sharding
 from nxtp_jax.data import preprocess
-from nxtp_jax.tagger import Tagger
+from nxtp_jax.tagger import STRATEGIES, Tagger, check_decoding
 
 log = logging.getLogger(__name__)
 
 RECORDS_FILE = "eval_{dataset}.jsonl"
 METRICS_FILE = "eval_metrics.json"
-STRATEGIES = ("one_shot", "greedy", "beam")
 RANKINGS = ranking.RANKINGS + ("clip",)
 
 
@@ -110,14 +109,9 @@ class BatchPredictor:
     ):
         if k < 1:
             raise ValueError(f"expected k >= 1 labels per image, found {k}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"expected strategy in {STRATEGIES}, found {strategy!r}")
         if ranking_method not in RANKINGS:
             raise ValueError(f"expected ranking in {RANKINGS}, found {ranking_method!r}")
-        if strategy == "beam" and ranking_method not in ("sim", "none", "clip"):
-            raise ValueError(
-                f"beam search records no probabilities: rank by sim, none or clip, found {ranking_method!r}"
-            )
+        check_decoding(strategy, ranking_method)
         if ranking_method == "clip" and reranker is None:
             raise ValueError("ranking 'clip' needs a reranker (clip_rerank.ClipReranker over OpenAI's CLIP archive)")
         self.tagger = tagger
@@ -139,43 +133,18 @@ class BatchPredictor:
                 f"expected a batch that splits over the {self.batch_multiple} data-parallel devices, "
                 f"found {images.shape[0]} images; set eval.batch_size to a multiple of {self.batch_multiple}"
             )
-        t = self.tagger
         x = _normalize(jax.device_put(images, self._batch_sharding))
-        delim = t.tokenizer.delimiter_id
-        out: dict[str, Any] = {"x": x}
-        if self.strategy == "one_shot":
-            out["tokens"], out["probs"] = sampling.one_shot(t.model, t.params, x, t.prompt, k=self.k, delimiter_id=delim)
-        elif self.strategy == "greedy":
-            self._key, sub = jax.random.split(self._key)
-            out["tokens"], out["probs"] = decoding.greedy(
-                t.model, t.params, x, t.prompt, sub, delimiter_id=delim, **self.decoder_kw
-            )
+        self._key, sub = jax.random.split(self._key)
+        out = self.tagger.sample(x, self.k, strategy=self.strategy, key=sub, **self.decoder_kw)
         if self.reranker is not None:
             out["clip_images"] = self.reranker.image_features(x)
         return out
 
     def finish(self, launched: dict[str, Any]) -> list[Prediction]:
-        t = self.tagger
-        delim = t.tokenizer.delimiter_id
-        if self.strategy == "one_shot":
-            tokens, probs = np.asarray(launched["tokens"]), np.asarray(launched["probs"])
-            groups = [ranking.groups_from_branches(a, b, delim) for a, b in zip(tokens, probs)]
-        elif self.strategy == "greedy":
-            tokens, probs = np.asarray(launched["tokens"]), np.asarray(launched["probs"])
-            groups = [ranking.groups_from_stream(a.tolist(), b.tolist(), delim) for a, b in zip(tokens, probs)]
-        else:
-            streams = decoding.beam_search(t.model, t.params, launched["x"], t.prompt, eos_id=t.tokenizer.eos_id, **self.decoder_kw)
-            groups = [ranking.groups_from_stream(s, [0.0] * len(s), delim) for s in streams]
-
-        method = "none" if self.ranking_method == "clip" else self.ranking_method
-        image_tokens: Iterable[Any] = [None] * len(groups)
-        table = None
-        if method == "sim":
-            image_tokens = t.image_tokens(np.asarray(launched["x"]))
-            table = t.embeddings()
-        ranked = [ranking.rank(g, t.tokenizer, method, image_tokens=img, embeddings=table) for g, img in zip(groups, image_tokens)]
         if self.ranking_method != "clip":
-            return [Prediction(r[: self.k]) for r in ranked]
+            return [Prediction(r) for r in self.tagger.rank(launched, self.k, self.ranking_method)]
+        # CLIP re-ranks every label in sampling order, not only the first k.
+        ranked = self.tagger.rank(launched, None, "none")
         features = np.asarray(launched["clip_images"])
         return [
             Prediction(self.reranker.rerank(f, [label for label, _ in r], self.k), sampled=r)

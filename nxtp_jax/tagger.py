@@ -21,6 +21,14 @@ from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 512  # image tokens + text, as the released models were trained
+STRATEGIES = ("one_shot", "greedy", "beam")
+
+
+def check_decoding(strategy: str, ranking_method: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy == "beam" and ranking_method not in ("sim", "none", "clip"):
+        raise ValueError(f"beam search records no probabilities: rank by 'sim' or 'none', not {ranking_method!r}")
 
 
 def default_dtype() -> Any:
@@ -80,35 +88,50 @@ class Tagger:
         """
         if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
             raise TypeError("expected a sequence of images; wrap a single image in a list")
-        if strategy == "beam" and ranking_method not in ("sim", "none"):
-            raise ValueError(f"beam search records no probabilities: rank by 'sim' or 'none', not {ranking_method!r}")
-        tok = self.tokenizer
-        results = []
+        check_decoding(strategy, ranking_method)
         key = jax.random.key(seed)
+        results = []
         for batch in self._batches(list(images)):
-            x = jnp.asarray(batch)
-            if strategy == "one_shot":
-                tokens, probs = sampling.one_shot(self.model, self.params, x, self.prompt, k=num_labels, delimiter_id=tok.delimiter_id)
-                groups = [ranking.groups_from_branches(t, p, tok.delimiter_id) for t, p in zip(np.asarray(tokens), np.asarray(probs))]
-            elif strategy == "greedy":
-                key, sub = jax.random.split(key)
-                tokens, probs = decoding.greedy(self.model, self.params, x, self.prompt, sub, delimiter_id=tok.delimiter_id, **decoder_kw)
-                groups = [ranking.groups_from_stream(t.tolist(), p.tolist(), tok.delimiter_id) for t, p in zip(np.asarray(tokens), np.asarray(probs))]
-            elif strategy == "beam":
-                streams = decoding.beam_search(self.model, self.params, x, self.prompt, eos_id=tok.eos_id, **decoder_kw)
-                groups = [ranking.groups_from_stream(t, [0.0] * len(t), tok.delimiter_id) for t in streams]
-            else:
-                raise ValueError(f"unknown strategy {strategy!r}; expected one_shot, greedy or beam")
-            sim = ranking_method == "sim"
-            image_tokens = self.image_tokens(batch) if sim else [None] * len(batch)
-            table = self.embeddings() if sim else None
-            for g, img in zip(groups, image_tokens):
-                results.append(ranking.rank(g, tok, ranking_method, image_tokens=img, embeddings=table)[:num_labels])
+            key, sub = jax.random.split(key)
+            sampled = self.sample(jnp.asarray(batch), num_labels, strategy=strategy, key=sub, **decoder_kw)
+            results += self.rank(sampled, num_labels, ranking_method)
         return results
 
-    def image_tokens(self, batch: np.ndarray) -> np.ndarray:
-        """Projected image tokens [B, N, D] (as the decoder sees them)."""
-        out = self.model.apply({"params": self.params}, jnp.asarray(batch), method=Recognizer.encode_images)
+    def sample(self, x: jax.Array, num_labels: int, *, strategy: str = "one_shot", key=None, **decoder_kw: Any) -> dict:
+        """Decodes normalised images x [B, R, R, 3]; one-shot and greedy return without waiting for the device."""
+        tok = self.tokenizer
+        if strategy == "one_shot":
+            tokens, probs = sampling.one_shot(self.model, self.params, x, self.prompt, k=num_labels, delimiter_id=tok.delimiter_id)
+        elif strategy == "greedy":
+            key = key if key is not None else jax.random.key(0)
+            tokens, probs = decoding.greedy(self.model, self.params, x, self.prompt, key, delimiter_id=tok.delimiter_id, **decoder_kw)
+        elif strategy == "beam":
+            tokens = decoding.beam_search(self.model, self.params, x, self.prompt, eos_id=tok.eos_id, **decoder_kw)
+            probs = [[0.0] * len(t) for t in tokens]
+        else:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        return {"strategy": strategy, "x": x, "tokens": tokens, "probs": probs}
+
+    def rank(self, sampled: dict, num_labels: int | None, ranking_method: str = "prob") -> list[list[tuple[str, float]]]:
+        """The output of `sample` -> per image, at most `num_labels` (None: all) ranked (label, score) pairs."""
+        delim = self.tokenizer.delimiter_id
+        tokens, probs = sampled["tokens"], sampled["probs"]
+        if sampled["strategy"] == "one_shot":
+            groups = [ranking.groups_from_branches(t, p, delim) for t, p in zip(np.asarray(tokens), np.asarray(probs))]
+        else:
+            rows = lambda a: a if isinstance(a, list) else np.asarray(a).tolist()  # noqa: E731 (beam: ragged lists)
+            groups = [ranking.groups_from_stream(t, p, delim) for t, p in zip(rows(tokens), rows(probs))]
+        sim = ranking_method == "sim"
+        image_tokens = self.image_tokens(sampled["x"]) if sim else [None] * len(groups)
+        table = self.embeddings() if sim else None
+        return [
+            ranking.rank(g, self.tokenizer, ranking_method, image_tokens=img, embeddings=table)[:num_labels]
+            for g, img in zip(groups, image_tokens)
+        ]
+
+    def image_tokens(self, x: Any) -> np.ndarray:
+        """Projected image tokens [B, N, D] of normalised images (as the decoder sees them)."""
+        out = self.model.apply({"params": self.params}, jnp.asarray(x), method=Recognizer.encode_images)
         return np.asarray(out, np.float32)
 
     def attention_maps(self, image: Any) -> np.ndarray:
