@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import math
 import os
 import pathlib
@@ -28,15 +27,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_dict
 
-from nxtp_jax import checkpoint, experiment, optim, prompts, sharding, train_inputs, train_state
+from nxtp_jax import checkpoint, experiment, optim, prompts, train_inputs, train_state
 from nxtp_jax.data import pipeline, registry, tar
 from nxtp_jax.models.config import ModelConfig
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.preemption import PreemptionWatch
 from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
 from nxtp_jax.train_log import MetricsLogger
-
-log = logging.getLogger(__name__)
 
 TRAIN_CONFIG_FILE = "train_config.json"
 

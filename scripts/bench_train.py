@@ -206,7 +206,7 @@ def main(argv) -> None:
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
     import jax
 
-    from nxtp_jax import experiment, sharding
+    from nxtp_jax import experiment
 
     if _CPU_DEVICES.value:
         jax.config.update("jax_platforms", "cpu")
