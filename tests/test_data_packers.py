@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from nxtp_jax.data import labels, pipeline
-from nxtp_jax.data.shapes import COLOURS, SHAPES, make_shapes
+from nxtp_jax.data.shapes import COLOURS, COUNTS, SHAPES, make_shapes
 from nxtp_jax.data.tar import iter_groups, open_shard, read_bytes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -140,25 +140,23 @@ def test_make_shapes_is_deterministic_and_varied(tmp_path):
     assert batch["valid"].all() and batch["image"].shape == (150, 32, 32, 3)
     keys = batch["key"].tolist()
     assert len(set(keys)) == 150 and sum(k.startswith("val") for k in keys) == 30
-    label_sets = [set(x.split(",")) for x in batch["labels"]]
-    vocab = set(SHAPES) | set(COLOURS)
-    assert set().union(*label_sets) == vocab  # every label occurs
-    assert {len(s) for s in label_sets} >= {2, 3, 4}  # counts vary
-    for caption, label_set in zip(batch["caption"], label_sets):
-        words = caption.lower()
-        assert all(label in words for label in label_set), (caption, label_set)
-        assert len(label_set & set(SHAPES)) >= 1 and len(label_set & set(COLOURS)) >= 1
-    # The image shows what the labels say: in one-colour scenes the bright pixels (the
-    # background is dark) are closest to that colour.
+    label_lists = [x.split(",") for x in batch["labels"]]
+    assert all(len(labels) == 3 for labels in label_lists)  # colour, shape, count: always three
+    colours, shapes, counts = zip(*label_lists)
+    assert set(colours) == set(COLOURS) and set(shapes) == set(SHAPES) and set(counts) == set(COUNTS)
+    for caption, (colour, shape, count) in zip(batch["caption"], label_lists):
+        words = caption.lower().rstrip(".").split()
+        assert colour in words and any(w.startswith(shape) for w in words), caption
+        assert (count in words) if count != "one" else ({"a", "an"} & set(words)), caption
+    # The image shows what the labels say: the bright pixels (the background is dark) are
+    # closest to the labelled colour.
     names, rgbs = list(COLOURS), np.array(list(COLOURS.values()), np.float64)
-    single = [i for i, s in enumerate(label_sets) if len(s & set(COLOURS)) == 1]
-    assert len(single) > 30
     hits = 0
-    for i in single:
-        pixels = batch["image"][i].reshape(-1, 3).astype(np.float64)
+    for image, colour in zip(batch["image"], colours):
+        pixels = image.reshape(-1, 3).astype(np.float64)
         mean = pixels[pixels.max(axis=1) > 120].mean(axis=0)
-        hits += names[int(np.argmin(((rgbs - mean) ** 2).sum(axis=1)))] in label_sets[i]
-    assert hits >= 0.95 * len(single)
+        hits += names[int(np.argmin(((rgbs - mean) ** 2).sum(axis=1)))] == colour
+    assert hits >= 0.95 * len(colours)
 
 
 def test_make_shapes_script(tmp_path):
