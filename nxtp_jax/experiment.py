@@ -172,11 +172,9 @@ def validate(config: config_dict.ConfigDict, *, process_count: int | None = None
     _check_model(config, need)
     _check_data(config, need)
     _check_training(config, need, process_count, device_count)
-    for field in ("trainable", "optim.no_decay", "optim.force_decay"):
-        value = config
-        for part in field.split("."):
-            value = value[part]
-        for pattern in value:
+    regexes = {"trainable": config.trainable, "optim.no_decay": config.optim.no_decay, "optim.force_decay": config.optim.force_decay}
+    for field, patterns in regexes.items():
+        for pattern in patterns:
             try:
                 re.compile(pattern)
             except (re.error, TypeError) as e:
