@@ -98,7 +98,9 @@ def get_config() -> config_dict.ConfigDict:
     c.optim.eps = 1e-6  # AdamW epsilon
     c.optim.weight_decay = 0.1  # decoupled decay on the params `optim.no_decay`/`force_decay` select
     c.optim.no_decay = (r"language_decoder/tok_embeddings/.*",)  # >= 2-D params without decay
-    c.optim.force_decay = (r"language_decoder/norm/.*",)  # 1-D params with decay (the original's filter)
+    # 1-D params with decay anyway. SPEC §3: none. The original's filter also decayed the final
+    # RMSNorm (`(r"language_decoder/norm/.*",)` reproduces it).
+    c.optim.force_decay = ()
     c.optim.warmup_ratio = 0.2  # warmup = max(warmup_ratio % of total_steps, warmup_steps)
     c.optim.warmup_steps = 2000  # minimum warmup length
     c.optim.schedule = "original"  # "original" (its exact off-by-one) or "warmup_cosine"

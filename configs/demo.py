@@ -53,7 +53,6 @@ def get_config(variant: str = "") -> config_dict.ConfigDict:
     c.optim.lr_min = 1e-5
     c.optim.warmup_ratio = 0.0
     c.optim.warmup_steps = 30
-    c.optim.force_decay = ()
     c.optim.schedule = "warmup_cosine"  # no full-rate first update (the original's quirk) from scratch
 
     c.trainable = (".*",)  # from scratch, everything trains
