@@ -13,20 +13,18 @@ tokens: the slowest case.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import resource
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nxtp_jax import prompts
+from bench_infer import bench_tokenizer  # scripts/ is on the path when a script runs
 from nxtp_jax.models.config import full_size
 from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.tagger import Tagger
-from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
+from nxtp_jax.tokenizer import Tokenizer
 
 
 class IdTokenizer(Tokenizer):
@@ -45,8 +43,7 @@ def main() -> None:
     args = ap.parse_args()
 
     # The tokenizer only supplies the prompt's ids and the delimiter; the model has LLaMA's 32002 rows.
-    path = pathlib.Path(tempfile.mkdtemp()) / "bench.model"
-    tok = IdTokenizer(train_sentencepiece(list(prompts.OBJECT_TEMPLATES) + ["cloud, sky, logo"] * 20, path, 120))
+    tok = IdTokenizer(bench_tokenizer().model_path)
     config = full_size(layers=args.layers)
     dtype = jnp.dtype(args.param_dtype)
     model = Recognizer(config, dtype=dtype, param_dtype=dtype)
