@@ -30,11 +30,11 @@ from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
 
 
-def bench_tokenizer() -> Tokenizer:
+def bench_tokenizer(path: pathlib.Path | None = None) -> Tokenizer:
     """Only the prompt's ids and the delimiter come from it; the model keeps a LLaMA-sized vocabulary."""
     words = "cloud sky logo text title blue photo picture storm middle name art sun dog cat tree car house road water".split()
     texts = list(prompts.OBJECT_TEMPLATES) + [", ".join(np.random.default_rng(i).permutation(words)) for i in range(200)]
-    path = pathlib.Path(tempfile.mkdtemp()) / "bench.model"
+    path = path or pathlib.Path(tempfile.mkdtemp()) / "bench.model"
     return Tokenizer(train_sentencepiece(texts, path, 300))
 
 

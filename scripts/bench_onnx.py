@@ -33,16 +33,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENGINES = ("onnxruntime, KV cache", "JAX (XLA CPU), KV cache", "onnxruntime, recompute (original)")
 
 
-def bench_tokenizer(path: pathlib.Path):
-    """Only the prompt's ids and the delimiter come from it; the model keeps a LLaMA-sized vocabulary."""
-    from nxtp_jax import prompts
-    from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
-
-    words = "cloud sky logo text title blue photo picture storm middle name art sun dog cat tree car house road water".split()
-    texts = list(prompts.OBJECT_TEMPLATES) + [", ".join(np.random.default_rng(i).permutation(words)) for i in range(200)]
-    return Tokenizer(train_sentencepiece(texts, path, 300))
-
-
 def make_checkpoint(args) -> None:
     """Random weights (seed 0) in the paper's architecture, written as an nxtp_jax checkpoint."""
     import dataclasses
@@ -52,6 +42,8 @@ def make_checkpoint(args) -> None:
     from nxtp_jax import checkpoint
     from nxtp_jax.models.config import SpecialTokens, full_size
     from nxtp_jax.models.recognizer import Recognizer, init_params
+
+    from bench_infer import bench_tokenizer  # scripts/ is on the path when a script runs
 
     work = pathlib.Path(args.workdir)
     tok = bench_tokenizer(work / "bench.model")
