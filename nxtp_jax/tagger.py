@@ -141,7 +141,11 @@ class Tagger:
         return np.stack([np.asarray(w[0, :, :n, :n]) for w in weights])
 
     def embeddings(self) -> np.ndarray:
-        return np.asarray(self.params["language_decoder"]["tok_embeddings"]["embedding"], np.float32)
+        """The token embedding table in fp32 on the host, copied once (it is ~0.5 GB at full size)."""
+        table = self.params["language_decoder"]["tok_embeddings"]["embedding"]
+        if getattr(self, "_table_source", None) is not table:
+            self._table, self._table_source = np.asarray(table, np.float32), table
+        return self._table
 
     def loss(self, images: Sequence[Any], labels: Sequence[Sequence[str]], *, max_seq_len: int = MAX_SEQ_LEN) -> float:
         """The training objective on one batch: first template, labels in the given order, token mean.
