@@ -165,7 +165,7 @@ def load_frozen(workdir: str | os.PathLike, abstract_frozen: Any) -> Any:
 
 def load_training_params(workdir: str | os.PathLike, model, mesh=None, rules=None, step: int | None = None) -> Any:
     """Full params of a training workdir: the trained ones of `step` (default: the latest) merged with the frozen ones."""
-    from nxtp_jax import optim
+    from nxtp_jax.training import optim
 
     meta = read_meta(workdir)
     training = meta[TRAINING_KEY]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from nxtp_jax import optim
+from nxtp_jax.training import optim
 from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
 from nxtp_jax.sharding import MESH_AXES
 from nxtp_jax.tokenizer import SPECIAL_TOKENS, Tokenizer

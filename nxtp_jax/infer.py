@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from nxtp_jax.formatting import format_json, format_text
+from nxtp_jax.inference.formatting import format_json, format_text
 
 CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory (from convert/from_torch.py or training).", required=True)
 NUM_LABELS = flags.DEFINE_integer("num_labels", 10, "k of the one-shot sampling: labels per image.")
@@ -56,7 +56,7 @@ def save_attention_maps(tagger, image, out_dir: pathlib.Path) -> int:
 
 
 def main(argv: Sequence[str]) -> None:
-    from nxtp_jax.tagger import Tagger
+    from nxtp_jax.inference.tagger import Tagger
 
     paths = list(argv[1:])
     if not paths:

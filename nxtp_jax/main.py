@@ -73,17 +73,17 @@ def main(argv: list[str]) -> None:
     logging.info("JAX %s: process %d of %d, %d devices", jax.__version__, jax.process_index(), jax.process_count(), jax.device_count())
     experiment.validate(config)
     if config.mode in ("train", "train_and_eval"):
-        from nxtp_jax.train import train
+        from nxtp_jax.training.loop import train
 
         result = train(config, workdir)
         if result.preempted:
             return
     if config.mode in ("eval", "train_and_eval"):
-        from nxtp_jax.evaluate import evaluate
+        from nxtp_jax.evaluation.job import evaluate
 
         evaluate(config, workdir)
         if config.eval.baseline and jax.process_index() == 0:
-            from nxtp_jax.baseline import frequency_baseline
+            from nxtp_jax.evaluation.baseline import frequency_baseline
 
             frequency_baseline(config, workdir)
 

@@ -29,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nxtp_jax import evaluate, experiment, imagenet, metrics, prompts
+from nxtp_jax import experiment, prompts
+from nxtp_jax.evaluation import job as evaluate, metrics
+from nxtp_jax.data import imagenet
 from nxtp_jax.data import shapes
 from nxtp_jax.models.config import full_size
 from nxtp_jax.models.recognizer import Recognizer, init_params
-from nxtp_jax.tagger import Tagger
+from nxtp_jax.inference.tagger import Tagger
 from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nxtp_jax import prompts, ranking, sampling
+from nxtp_jax import prompts
+from nxtp_jax.inference import ranking, sampling
 from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
 from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece

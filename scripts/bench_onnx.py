@@ -88,9 +88,10 @@ def run_engine(engine: str, args, ckpt: pathlib.Path, onnx_dir: pathlib.Path, im
         import jax
         import jax.numpy as jnp
 
-        from nxtp_jax import prompts, sampling
+        from nxtp_jax import prompts
+        from nxtp_jax.inference import sampling
         from nxtp_jax.data import preprocess
-        from nxtp_jax.tagger import Tagger
+        from nxtp_jax.inference.tagger import Tagger
 
         tagger = Tagger.load(ckpt, dtype=jnp.float32)
         images = jnp.asarray(preprocess.normalize(image)[None])

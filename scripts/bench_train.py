@@ -95,7 +95,8 @@ def synthetic_batch(config, model_cfg, rng):
 def build(config, mesh, rules, abstract_only: bool):
     import jax
 
-    from nxtp_jax import checkpoint, experiment, optim, train, train_state
+    from nxtp_jax import checkpoint, experiment
+    from nxtp_jax.training import optim, loop as train, step as train_state
 
     model_cfg = experiment.model_config(config, vocabulary())
     model = train.build_model(config, model_cfg)
@@ -136,7 +137,7 @@ def report_memory(config, mesh, rules) -> None:
     import jax
     import numpy as np
 
-    from nxtp_jax import train_state
+    from nxtp_jax.training import step as train_state
 
     _, (state, frozen) = build(config, mesh, rules, abstract_only=True)
 
@@ -165,7 +166,8 @@ def bench(config, mesh, rules) -> None:
     import jax
     import numpy as np
 
-    from nxtp_jax import experiment, train_inputs
+    from nxtp_jax import experiment
+    from nxtp_jax.training import inputs as train_inputs
 
     t0 = time.perf_counter()
     model, (state, frozen, step_fn, spec) = build(config, mesh, rules, abstract_only=False)

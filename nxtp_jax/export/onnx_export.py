@@ -29,7 +29,8 @@ import onnx
 from jax2onnx import to_onnx
 from onnx import numpy_helper
 
-from nxtp_jax import checkpoint, sampling
+from nxtp_jax import checkpoint
+from nxtp_jax.inference import sampling
 from nxtp_jax.export import graphs
 from nxtp_jax.export.ort_tagger import CONFIG_FILE, FORMAT, make_session
 from nxtp_jax.models.recognizer import Recognizer

@@ -3,12 +3,12 @@
     tagger = OrtTagger("onnx_dir")
     tagger.predict(["cat.jpg"], num_labels=10)   # [[("cat", 0.61), ("sofa", 0.12), ...]]
 
-The sampling is `nxtp_jax.sampling.one_shot` step for step: one prefill over image tokens and
+The sampling is `nxtp_jax.inference.sampling.one_shot` step for step: one prefill over image tokens and
 prompt fills a KV cache that the k branches of an image share, branch j's step-s key goes to slot
 T0 + s*k + j, and a branch sees the prefix plus its own tokens only. `cache=False` is the
 original's strategy instead (`sampling.one_shot_recompute`): k copies of the prefix and the whole
-sequence again at every step. Ranking is `nxtp_jax.ranking`, so labels and scores are those of
-`nxtp_jax.tagger.Tagger`.
+sequence again at every step. Ranking is `nxtp_jax.inference.ranking`, so labels and scores are those of
+`nxtp_jax.inference.tagger.Tagger`.
 
 Needs only onnxruntime, numpy, pillow and sentencepiece (the imported nxtp_jax modules import no
 JAX).
@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from nxtp_jax import prompts, ranking
+from nxtp_jax import prompts
+from nxtp_jax.inference import ranking
 from nxtp_jax.data import preprocess
 from nxtp_jax.tokenizer import Tokenizer
 
@@ -54,7 +55,7 @@ def make_session(path: str | os.PathLike, threads: int | None = None) -> ort.Inf
 
 
 def prefix_mask(num_image_tokens: int, length: int) -> np.ndarray:
-    """bool [T, T]: causal plus the bidirectional image block (`nxtp_jax.mask.prefix_mask`)."""
+    """bool [T, T]: causal plus the bidirectional image block (`nxtp_jax.models.mask.prefix_mask`)."""
     row, col = np.arange(length)[:, None], np.arange(length)[None, :]
     return (col <= row) | ((row < num_image_tokens) & (col < num_image_tokens))
 

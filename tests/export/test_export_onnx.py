@@ -18,11 +18,12 @@ import onnx
 import pytest
 
 from export_helpers import ROOT, assert_same_predictions, export, infer_json, run, tiny_checkpoint, write_images
-from nxtp_jax import checkpoint, prompts, sampling
+from nxtp_jax import checkpoint, prompts
+from nxtp_jax.inference import sampling
 from nxtp_jax.export.ort_tagger import OrtTagger
 from nxtp_jax.models.config import DecoderConfig
 from nxtp_jax.models.recognizer import Recognizer, init_params
-from nxtp_jax.tagger import Tagger
+from nxtp_jax.inference.tagger import Tagger
 from nxtp_jax.tokenizer import Tokenizer
 from tiny_models import tiny_config
 

@@ -13,10 +13,11 @@ import numpy as np
 import tensorflow as tf
 
 from export_helpers import ROOT, run, tiny_checkpoint
-from nxtp_jax import mask, sampling
+from nxtp_jax.models import mask
+from nxtp_jax.inference import sampling
 from nxtp_jax.data import preprocess
 from nxtp_jax.models.recognizer import Recognizer
-from nxtp_jax.tagger import Tagger
+from nxtp_jax.inference.tagger import Tagger
 from tiny_models import random_images
 
 

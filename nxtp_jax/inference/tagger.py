@@ -1,0 +1,185 @@
+"""The public API: load a checkpoint, tag images, score labels.
+
+    tagger = Tagger.load("ckpt_dir")
+    tagger.predict(["cat.jpg"], num_labels=10)   # [[("cat", 0.61), ("sofa", 0.12), ...]]
+    tagger.loss(["cat.jpg"], [["cat", "sofa"]])  # the training objective, as a float
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nxtp_jax import checkpoint, objective, prompts
+from nxtp_jax.inference import decoding, ranking, sampling
+from nxtp_jax.models import mask
+from nxtp_jax.data import preprocess
+from nxtp_jax.models.recognizer import Recognizer
+from nxtp_jax.tokenizer import Tokenizer
+
+MAX_SEQ_LEN = 512  # image tokens + text, as the released models were trained
+STRATEGIES = ("one_shot", "greedy", "beam")
+
+
+def check_decoding(strategy: str, ranking_method: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy == "beam" and ranking_method not in ("sim", "none", "clip"):
+        raise ValueError(f"beam search records no probabilities: rank by 'sim' or 'none', not {ranking_method!r}")
+
+
+def default_dtype() -> Any:
+    """bf16 compute on accelerators, fp32 on CPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+class Tagger:
+    def __init__(self, model: Recognizer, params: Any, tokenizer: Tokenizer, *, batch_size: int = 8):
+        self.model = model
+        self.params = params
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.image_size = model.config.vision.image_size
+        self.prompt = jnp.asarray(prompts.inference_prompt(tokenizer))
+
+    @classmethod
+    def load(cls, ckpt_dir: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, mesh=None, **kw) -> "Tagger":
+        """Loads a checkpoint directory written by `convert/from_torch.py`, or a training workdir (latest step)."""
+        config = checkpoint.load_config(ckpt_dir)
+        tok = Tokenizer(checkpoint.tokenizer_path(ckpt_dir))
+        if (tok.image_id, tok.empty_id) != (config.special_tokens.image, config.special_tokens.empty):
+            raise ValueError(
+                f"{ckpt_dir}: config.json says <|image|>={config.special_tokens.image}, <|empty|>="
+                f"{config.special_tokens.empty}, but its tokenizer.model gives {tok.image_id}, {tok.empty_id}"
+            )
+        model = Recognizer(config, dtype=dtype or default_dtype(), param_dtype=param_dtype)
+        if checkpoint.is_training_workdir(ckpt_dir):
+            params = checkpoint.load_training_params(ckpt_dir, model, mesh)
+        else:
+            params = checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model, mesh))
+        return cls(model, params, tok, **kw)
+
+    def preprocess(self, images: Sequence[Any]) -> np.ndarray:
+        """Paths, PIL images or uint8 arrays -> CLIP-normalised float32 [B, R, R, 3]."""
+        return np.stack([preprocess.preprocess(img, self.image_size) for img in images])
+
+    def _batches(self, images: Sequence[Any]):
+        for i in range(0, len(images), self.batch_size):
+            yield self.preprocess(images[i : i + self.batch_size])
+
+    def predict(
+        self,
+        images: Sequence[Any],
+        num_labels: int = 10,
+        *,
+        ranking_method: str = "prob",
+        strategy: str = "one_shot",
+        seed: int = 0,
+        **decoder_kw: Any,
+    ) -> list[list[tuple[str, float]]]:
+        """Per image, at most `num_labels` (label, score) pairs, best first.
+
+        `strategy` is "one_shot" (the paper's, k = num_labels branches), "greedy" or "beam"
+        (`decoder_kw` go to `decoding.greedy` / `decoding.beam_search`; beam search records
+        no probabilities, so it ranks by "sim" or "none" only, as in the original).
+        """
+        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+            raise TypeError("expected a sequence of images; wrap a single image in a list")
+        check_decoding(strategy, ranking_method)
+        key = jax.random.key(seed)
+        results = []
+        for batch in self._batches(list(images)):
+            key, sub = jax.random.split(key)
+            sampled = self.sample(jnp.asarray(batch), num_labels, strategy=strategy, key=sub, **decoder_kw)
+            results += self.rank(sampled, num_labels, ranking_method)
+        return results
+
+    def sample(self, x: jax.Array, num_labels: int, *, strategy: str = "one_shot", key=None, **decoder_kw: Any) -> dict:
+        """Decodes normalised images x [B, R, R, 3]; one-shot and greedy return without waiting for the device."""
+        tok = self.tokenizer
+        if strategy == "one_shot":
+            tokens, probs = sampling.one_shot(self.model, self.params, x, self.prompt, k=num_labels, delimiter_id=tok.delimiter_id)
+        elif strategy == "greedy":
+            key = key if key is not None else jax.random.key(0)
+            tokens, probs = decoding.greedy(self.model, self.params, x, self.prompt, key, delimiter_id=tok.delimiter_id, **decoder_kw)
+        elif strategy == "beam":
+            tokens = decoding.beam_search(self.model, self.params, x, self.prompt, eos_id=tok.eos_id, **decoder_kw)
+            probs = [[0.0] * len(t) for t in tokens]
+        else:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        return {"strategy": strategy, "x": x, "tokens": tokens, "probs": probs}
+
+    def rank(self, sampled: dict, num_labels: int | None, ranking_method: str = "prob") -> list[list[tuple[str, float]]]:
+        """The output of `sample` -> per image, at most `num_labels` (None: all) ranked (label, score) pairs."""
+        delim = self.tokenizer.delimiter_id
+        tokens, probs = sampled["tokens"], sampled["probs"]
+        if sampled["strategy"] == "one_shot":
+            groups = [ranking.groups_from_branches(t, p, delim) for t, p in zip(np.asarray(tokens), np.asarray(probs))]
+        else:
+            rows = lambda a: a if isinstance(a, list) else np.asarray(a).tolist()  # noqa: E731 (beam: ragged lists)
+            groups = [ranking.groups_from_stream(t, p, delim) for t, p in zip(rows(tokens), rows(probs))]
+        sim = ranking_method == "sim"
+        image_tokens = self.image_tokens(sampled["x"]) if sim else [None] * len(groups)
+        table = self.embeddings() if sim else None
+        return [
+            ranking.rank(g, self.tokenizer, ranking_method, image_tokens=img, embeddings=table)[:num_labels]
+            for g, img in zip(groups, image_tokens)
+        ]
+
+    def image_tokens(self, x: Any) -> np.ndarray:
+        """Projected image tokens [B, N, D] of normalised images (as the decoder sees them)."""
+        out = self.model.apply({"params": self.params}, jnp.asarray(x), method=Recognizer.encode_images)
+        return np.asarray(out, np.float32)
+
+    def attention_maps(self, image: Any) -> np.ndarray:
+        """Image-to-image attention of the prefix pass, [layers, heads, N, N] (row = query token)."""
+        n = self.model.config.vision.num_patches
+        weights = _prefix_attention(self.model, self.params, jnp.asarray(self.preprocess([image])), self.prompt)
+        return np.stack([np.asarray(w[0, :, :n, :n]) for w in weights])
+
+    def embeddings(self) -> np.ndarray:
+        """The token embedding table in fp32 on the host, copied once (it is ~0.5 GB at full size)."""
+        table = self.params["language_decoder"]["tok_embeddings"]["embedding"]
+        if getattr(self, "_table_source", None) is not table:
+            self._table, self._table_source = np.asarray(table, np.float32), table
+        return self._table
+
+    def loss(self, images: Sequence[Any], labels: Sequence[Sequence[str]], *, max_seq_len: int = MAX_SEQ_LEN) -> float:
+        """The training objective on one batch: first template, labels in the given order, token mean.
+
+        Labels are lowercased, as every label path of the original does (caption nouns, or
+        `skip_extract_nouns`).
+        """
+        if len(images) != len(labels):
+            raise ValueError(f"expected one label list per image, found {len(images)} images and {len(labels)} label lists")
+        n = self.model.config.vision.num_patches
+        labels = [[label.lower() for label in sample] for sample in labels]
+        text = prompts.object_batch(
+            self.tokenizer, labels, max_text_len=max_seq_len - n, template=prompts.OBJECT_TEMPLATES[0], rng=None
+        )
+        images = jnp.asarray(self.preprocess(images))
+        return float(_loss(self.model, self.params, images, text.tokens, text.targets, text.answer_pos, self.tokenizer.delimiter_id))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "delimiter_id"))
+def _loss(model, params, images, tokens, targets, answer_pos, delimiter_id):
+    m = mask.label_mask(tokens, answer_pos, delimiter_id=delimiter_id, num_image_tokens=model.config.vision.num_patches)
+    logits = model.apply({"params": params}, images, tokens, m)
+    return objective.token_mean_cross_entropy(logits, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _prefix_attention(model, params, images, prompt):
+    h = sampling.prefix_embeddings(model, params, images, prompt)
+    n, t = model.config.vision.num_patches, h.shape[1]
+    _, state = model.apply(
+        {"params": params}, h, jnp.arange(t)[None], mask.prefix_mask(n, t), None, 0, True,
+        method=Recognizer.decode, mutable=["intermediates"],
+    )
+    layers = state["intermediates"]["language_decoder"]
+    return [layers[f"layers_{i}"]["attention"]["attention_weights"][0] for i in range(model.config.decoder.layers)]

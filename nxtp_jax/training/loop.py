@@ -1,0 +1,408 @@
+"""The training run: data, tokenizer, sharded state, the loop, checkpoints, preemption, logs.
+
+    train(config, workdir)
+
+Resume is automatic: the latest checkpoint in <workdir>/checkpoints (trainable params,
+optimizer state, step, the grain iterator state and the config) is restored, and the
+run continues with exactly the batches and updates it would have had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_dict
+
+from nxtp_jax import checkpoint, experiment, prompts
+from nxtp_jax.training import optim, inputs as train_inputs, step as train_state
+from nxtp_jax.data import pipeline, registry, tar
+from nxtp_jax.models.config import ModelConfig
+from nxtp_jax.models.recognizer import Recognizer
+from nxtp_jax.training.preemption import PreemptionWatch
+from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
+from nxtp_jax.training.log import MetricsLogger
+
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # the step the run stopped at
+    preempted: bool
+    last_loss: float
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def config_json(config: config_dict.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+# -- data and tokenizer --
+
+
+def _has_shards(root: pathlib.Path) -> bool:
+    try:
+        return bool(registry.find_shards(root))
+    except FileNotFoundError:
+        return False
+
+
+def prepare_data(config: config_dict.ConfigDict) -> list[str]:
+    """Training shard paths; synthesizes the shapes dataset first if the config asks and it is absent."""
+    if config.data.synthesize == "shapes":
+        roots = [pathlib.Path(config.data.root) / config.data.registry[n.lower()]["root"] for n in config.data.train]
+        if _is_main() and not all(_has_shards(r) for r in roots):
+            from nxtp_jax.data.shapes import make_shapes
+
+            out = pathlib.Path(config.data.root) / "shapes"
+            print(f"writing the synthetic shapes dataset to {out} (once) ...", flush=True)
+            make_shapes(
+                out,
+                num_train=config.data.synthetic_train,
+                num_val=config.data.synthetic_val,
+                image_size=config.model.vision.image_size,
+            )
+        _sync("synthesize")
+    return registry.resolve_shards(list(config.data.train), config.data.root, config.data.registry)
+
+
+def tokenizer_corpus(shards: list[str], max_texts: int) -> list[str]:
+    """Label lists and captions of the first training samples, in shard order, plus the templates.
+
+    Every training text starts with a template, so the templates are repeated to weigh as
+    much as the samples; otherwise their words would be split into bytes.
+    """
+    texts: list[str] = []
+    samples = 0
+    for shard in shards:
+        if samples >= max_texts:
+            break
+        fd, size = tar.open_shard(shard)
+        try:
+            for group in tar.iter_groups(fd, size):
+                if samples >= max_texts:
+                    break
+                if isinstance(group, tar.TarFormatError):
+                    continue
+                members = group.members
+                if tar.CAPTION_EXT in members:
+                    texts.append(tar.read_bytes(fd, members[tar.CAPTION_EXT]).decode("utf-8", errors="ignore"))
+                if tar.JSON_EXT in members:
+                    meta = json.loads(tar.read_bytes(fd, members[tar.JSON_EXT]) or b"{}")
+                    if isinstance(meta, dict) and isinstance(meta.get("labels"), list):
+                        texts.append(", ".join(str(label) for label in meta["labels"]))
+                samples += 1
+        finally:
+            os.close(fd)
+    templates = list(prompts.OBJECT_TEMPLATES) + list(prompts.CAPTION_TEMPLATES)
+    return templates * max(1, samples // len(templates)) + texts
+
+
+def prepare_tokenizer(config: config_dict.ConfigDict, workdir: pathlib.Path, shards: list[str]) -> Tokenizer:
+    """The configured tokenizer; from scratch without one, trains <workdir>/tokenizer.model once."""
+    path = experiment.tokenizer_path(config, workdir)
+    if not path.is_file() and config.model.init == "scratch" and not config.tokenizer.path:
+        if _is_main():
+            print(f"training a {config.tokenizer.vocab_size}-piece sentencepiece tokenizer on the training data ...", flush=True)
+            train_sentencepiece(tokenizer_corpus(shards, config.tokenizer.max_texts), path, config.tokenizer.vocab_size)
+        _sync("tokenizer")
+    return Tokenizer(path)
+
+
+# -- model and state --
+
+
+def build_model(config: config_dict.ConfigDict, model_cfg: ModelConfig) -> Recognizer:
+    return Recognizer(
+        model_cfg,
+        dtype=experiment.dtype(config.model.dtype),
+        param_dtype=experiment.dtype(config.model.param_dtype),
+        attention_impl=config.model.attention_impl or None,
+        remat=config.model.remat,
+    )
+
+
+def check_init_checkpoint(ckpt: str, expected: ModelConfig) -> None:
+    found = checkpoint.load_config(ckpt)
+    if found != expected:
+        ours, theirs = expected.to_dict(), found.to_dict()
+        diffs = [
+            f"{part}.{k}: config {ours[part][k]!r}, checkpoint {theirs[part][k]!r}"
+            for part in ours
+            for k in ours[part]
+            if ours[part][k] != theirs[part].get(k)
+        ]
+        raise ValueError(
+            f"model.checkpoint {ckpt} does not match config.model: {'; '.join(diffs)}. Set the config's "
+            "model fields to the checkpoint's (see its config.json), or convert a matching checkpoint"
+        )
+
+
+def init_params(config: config_dict.ConfigDict, model: Recognizer, mesh, rules) -> Any:
+    if config.model.init == "checkpoint":
+        check_init_checkpoint(config.model.checkpoint, model.config)
+        return checkpoint.load_params(config.model.checkpoint, checkpoint.abstract_params(model, mesh, rules))
+    return checkpoint.scratch_params(model, config.seed, mesh, rules)
+
+
+def init_meta(config: config_dict.ConfigDict) -> dict:
+    if config.model.init == "checkpoint":
+        return {"kind": "checkpoint", "path": str(pathlib.Path(config.model.checkpoint).absolute())}
+    return {"kind": "scratch", "seed": config.seed}
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run builds before its first step."""
+
+    mesh: Any
+    model: Recognizer
+    tokenizer: Tokenizer
+    state: train_state.TrainState
+    frozen: Any
+    step_fn: Any  # the jitted train step
+    batch_sharding: NamedSharding
+    schedule: Any
+    total_steps: int
+    warmup_steps: int
+
+
+def setup(config: config_dict.ConfigDict, workdir: pathlib.Path, shards: list[str]) -> Setup:
+    mesh = experiment.make_mesh(config)
+    rules = tuple(tuple(r) for r in config.logical_axis_rules)
+    tok = prepare_tokenizer(config, workdir, shards)
+    model = build_model(config, experiment.model_config(config, tok))
+    total, warmup = experiment.total_steps(config), experiment.warmup_steps(config)
+    o = config.optim
+    schedule = optim.lr_schedule(lr=o.lr, lr_min=o.lr_min, total_steps=total, warmup=warmup, kind=o.schedule)
+
+    def make_tx(trainable):
+        decay = optim.decay_mask(trainable, tuple(o.no_decay), tuple(o.force_decay))
+        return optim.adamw(schedule, decay, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+
+    state, frozen, tx = train_state.create(init_params(config, model, mesh, rules), tuple(config.trainable), make_tx, mesh)
+    rows = experiment.embedding_row_ids(config, tok)
+    row_mask = optim.embedding_row_mask(tok.vocab_size, rows)
+    opts = train_state.StepOptions(
+        num_image_tokens=model.config.vision.num_patches,
+        delimiter_id=tok.delimiter_id,
+        grad_accum_steps=config.grad_accum_steps,
+        weight_loss_obj=config.weight_loss_obj,
+        weight_loss_cap=config.weight_loss_cap,
+    )
+    step = train_state.make_train_step(model, tx, schedule, opts, None if row_mask is None else jnp.asarray(row_mask))
+    batch_spec = train_state.batch_sharding(mesh, rules)
+    step_fn = train_state.jit_train_step(step, state, frozen, batch_spec, mesh)
+    return Setup(mesh, model, tok, state, frozen, step_fn, batch_spec, schedule, total, warmup)
+
+
+# -- checkpoints --
+
+
+def checkpoint_manager(config: config_dict.ConfigDict, workdir: pathlib.Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.checkpoint.keep,
+        enable_async_checkpointing=config.checkpoint.async_save,
+    )
+    return ocp.CheckpointManager((workdir / checkpoint.STEPS_DIR).absolute(), options=options)
+
+
+@jax.jit
+def _finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _all_finite(tree: Any) -> bool:
+    return bool(_finite(tree))
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def save(manager, step: int, state: train_state.TrainState, data_iter, config: config_dict.ConfigDict) -> None:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{checkpoint.TRAINABLE_ITEM: ocp.args.StandardSave(state.params)},
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config_json(config)),
+        ),
+        force=True,
+    )
+
+
+def restore(manager, step: int, state: train_state.TrainState, data_iter, mesh) -> train_state.TrainState:
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{checkpoint.TRAINABLE_ITEM: ocp.args.StandardRestore(_abstract(state.params))},
+            opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+        ),
+    )
+    step_array = jax.device_put(jnp.asarray(step, jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    return train_state.TrainState(step=step_array, params=restored[checkpoint.TRAINABLE_ITEM], opt_state=restored.opt_state)
+
+
+# -- the loop --
+
+
+def train_iterator(config: config_dict.ConfigDict, shards: list[str]):
+    transform = functools.partial(train_inputs.shuffle_labels, seed=config.seed) if config.shuffle_labels else None
+    return pipeline.build_train_iterator(
+        shards,
+        image_size=config.model.vision.image_size,
+        batch_size=experiment.per_process_batch(config),
+        seed=config.seed,
+        worker_count=config.data.worker_count,
+        sample_transform=transform,
+        label_source=config.data.label_source,
+        window_size=config.data.window_size,
+        cycle_length=config.data.cycle_length,
+    )
+
+
+def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
+    """Trains (or resumes) in `workdir` up to `experiment.last_step(config)`, or until preempted."""
+    experiment.validate(config)
+    workdir = pathlib.Path(workdir)
+    if _is_main():
+        workdir.mkdir(parents=True, exist_ok=True)
+    _sync("workdir")
+    shards = prepare_data(config)
+    s = setup(config, workdir, shards)
+    if _is_main():
+        checkpoint.write_training_meta(
+            workdir, s.model.config, s.tokenizer.model_path, init=init_meta(config), trainable=list(config.trainable)
+        )
+        (workdir / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    data_iter = train_iterator(config, shards)
+    manager = checkpoint_manager(config, workdir)
+    start = manager.latest_step() or 0
+    state, frozen = s.state, s.frozen
+    if config.model.init == "scratch" and jax.tree.leaves(frozen):
+        # Random values depend on the mesh: a resumed run keeps the ones it started with.
+        if start:
+            frozen = checkpoint.load_frozen(workdir, _abstract(frozen))
+        else:
+            checkpoint.save_frozen(workdir, frozen)
+    if start:
+        state = restore(manager, start, state, data_iter, s.mesh)
+        print(f"resumed from step {start} in {workdir / checkpoint.STEPS_DIR}", flush=True)
+    last = experiment.last_step(config)
+    text_len = experiment.text_length(config)
+    logger = MetricsLogger(
+        workdir, resume_step=start, warmup=s.warmup_steps, tensorboard=config.tensorboard, enabled=_is_main()
+    )
+    if _is_main():
+        print(
+            f"training steps {start} -> {last} of {s.total_steps} (warmup {s.warmup_steps}), global batch "
+            f"{config.batch_size}, mesh {dict(s.mesh.shape)}, {jax.process_count()} process(es)",
+            flush=True,
+        )
+
+    def fetch(step: int):
+        t0 = time.perf_counter()
+        batch = next(data_iter)
+        local = train_inputs.model_inputs(
+            s.tokenizer,
+            batch,
+            step=step,
+            seed=config.seed,
+            augment=config.prompt_augmentation,
+            text_len=text_len,
+            captions=config.weight_loss_cap > 0,
+        )
+        epoch = int(np.max(batch["epoch"])) + 1
+        return train_inputs.global_batch(local, s.batch_sharding), epoch, time.perf_counter() - t0
+
+    watch = PreemptionWatch()
+    step, preempted, loss = start, False, math.nan
+    window_start, window_steps, window_skipped, skipped_total = time.perf_counter(), 0, 0, 0
+    try:
+        if step < last:
+            batch, epoch, data_time = fetch(step)
+        t_iter = time.perf_counter()
+        while step < last:
+            state, metrics = s.step_fn(state, frozen, batch)
+            step += 1
+            preempted = watch.reached(step)
+            save_now = preempted or step == last or step % config.checkpoint.save_interval_steps == 0
+            if not save_now:
+                # Fetching here overlaps the host's data work with the device's step.
+                next_batch = fetch(step)
+            metrics = jax.device_get(metrics)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                manager.wait_until_finished()
+                raise FloatingPointError(
+                    f"loss is {loss} at step {step}; stopping without saving this state. The last good "
+                    f"checkpoint is step {manager.latest_step()} in {workdir / checkpoint.STEPS_DIR}. Lower "
+                    "optim.lr, enable optim.grad_clip, or check the data around this step"
+                )
+            now = time.perf_counter()
+            batch_time, t_iter = now - t_iter, now
+            window_steps += 1
+            window_skipped += int(metrics["skipped"])
+            skipped_total += int(metrics["skipped"])
+            if step % config.log_every_steps == 0 or step == start + 1 or step == last or preempted:
+                elapsed = now - window_start
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    **{k: float(v) for k, v in metrics.items() if k != "skipped"},
+                    "skipped_samples": window_skipped,  # bad samples dropped since the previous record
+                    "skipped_total": skipped_total,
+                    "samples_per_sec": config.batch_size * window_steps / elapsed,
+                    "tokens_per_sec": config.batch_size * window_steps * config.max_seq_len / elapsed,
+                    "data_time": data_time,
+                    "batch_time": batch_time,
+                }
+                logger.write(record)
+                window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
+            if save_now:
+                if not _all_finite(state.params):
+                    manager.wait_until_finished()
+                    raise FloatingPointError(
+                        f"the parameters became non-finite in the update of step {step} (its loss, {loss}, was "
+                        f"still finite); stopping without saving them. The last good checkpoint is step "
+                        f"{manager.latest_step()}. Lower optim.lr or enable optim.grad_clip"
+                    )
+                save(manager, step, state, data_iter, config)
+                if preempted:
+                    print(f"preempted: saved step {step}; run the same command again to resume", flush=True)
+                    break
+                if step < last:
+                    next_batch = fetch(step)
+            batch, epoch, data_time = next_batch if step < last else (None, epoch, 0.0)
+        manager.wait_until_finished()
+    finally:
+        watch.close()
+        logger.close()
+        manager.close()
+    return TrainResult(step=step, preempted=preempted, last_loss=loss)

@@ -1,0 +1,92 @@
+"""The inference CLI end to end on a tiny checkpoint, and the Tagger it wraps."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nxtp_jax import checkpoint
+from nxtp_jax.infer import attention_grid
+from nxtp_jax.inference.tagger import Tagger
+from nxtp_jax.tokenizer import Tokenizer
+from tiny_models import random_images, tiny_recognizer
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(sp_model_path, tmp_path_factory):
+    tok = Tokenizer(sp_model_path)
+    model, params = tiny_recognizer(tok, delimiter_boost=3.0)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    checkpoint.save(out, params, model.config, sp_model_path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, arr in enumerate(random_images(2, 40, seed=3)):
+        p = d / f"img{i}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "nxtp_jax.infer", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_json_matches_tagger(tiny_ckpt, image_paths):
+    res = _run(f"--ckpt={tiny_ckpt}", "--num_labels=4", "--json", *image_paths)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    want = Tagger.load(tiny_ckpt).predict(image_paths, num_labels=4)
+    assert [o["image"] for o in out] == image_paths
+    for o, w in zip(out, want):
+        assert [x["label"] for x in o["labels"]] == [label for label, _ in w]
+        np.testing.assert_allclose([x["prob"] for x in o["labels"]], [p for _, p in w], rtol=1e-6)
+
+
+def test_cli_text_and_attention_maps(tiny_ckpt, image_paths, tmp_path):
+    res = _run(f"--ckpt={tiny_ckpt}", "--num_labels=3", f"--save_attention_maps={tmp_path}", image_paths[0])
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[:2] == [f"image: {image_paths[0]}", "top-3 predictions:"]
+    assert all(line.startswith("| prob: ") and " - " in line for line in lines[2:]) and 1 <= len(lines[2:]) <= 3
+    pngs = sorted((tmp_path / "img0").glob("*.png"))
+    assert len(pngs) == 2 * 4  # layers x heads of the tiny decoder
+
+
+def test_cli_missing_image(tiny_ckpt, tmp_path):
+    res = _run(f"--ckpt={tiny_ckpt}", str(tmp_path / "nope.jpg"))
+    assert res.returncode != 0 and "not found" in res.stderr
+
+
+def test_attention_maps_are_probabilities(tiny_ckpt, image_paths):
+    tagger = Tagger.load(tiny_ckpt)
+    maps = tagger.attention_maps(image_paths[0])
+    n = tagger.model.config.vision.num_patches
+    assert maps.shape == (2, 4, n, n)
+    # Image tokens attend only to image tokens in the prefix (the bidirectional block).
+    np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
+    grid = attention_grid(maps[0, 0])
+    g = int(np.sqrt(n))
+    assert grid.shape == (g * (g + 1), g * (g + 1), 3) and grid.dtype == np.uint8
+
+
+def test_loss_is_token_mean_of_targets(tiny_ckpt, image_paths):
+    tagger = Tagger.load(tiny_ckpt)
+    a = tagger.loss(image_paths, [["cloud", "sky"], ["dog"]])
+    b = tagger.loss(image_paths[:1], [["cloud", "sky"]])
+    c = tagger.loss(image_paths[1:], [["dog"]])
+    assert np.isfinite(a) and a > 0
+    tok = tagger.tokenizer
+    # Token mean over the whole batch: weighted by each sample's number of targets.
+    from nxtp_jax import prompts
+
+    counts = [int((prompts.object_batch(tok, [lb], max_text_len=400, template=prompts.OBJECT_TEMPLATES[0], rng=None).targets >= 0).sum())
+              for lb in (["cloud", "sky"], ["dog"])]
+    np.testing.assert_allclose(a, (b * counts[0] + c * counts[1]) / sum(counts), rtol=1e-5)
