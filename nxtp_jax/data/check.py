@@ -2,7 +2,11 @@
 
 Every sample is read and its image fully decoded, as training would. Prints each shard's
 count of valid samples and every problem (member, kind, reason), then a total line
-`valid=N skipped=M shards=S`. Exits 1 if a shard could not be opened, else 0.
+`valid=N skipped=M shards=S`.
+
+Exit status: 1 if a path cannot be opened or is not a readable tar shard at all (it breaks
+before its first sample: a text file, a gzip, a shard cut inside its first header); with
+`--strict`, also 1 if any sample was skipped; else 0.
 """
 
 from __future__ import annotations
@@ -17,13 +21,25 @@ from nxtp_jax.data.samples import RawSample, Skip, decode_sample
 from nxtp_jax.data.tar import ShardOpenError, TarFormatError, iter_groups, open_shard, read_bytes
 
 
+class NotATarShard(Exception):
+    """The file breaks before its first sample: it is not a tar shard (or not one any more)."""
+
+
 def check_shard(shard: str) -> tuple[int, list[Skip]]:
-    """(valid sample count, problems) of one shard; raises ShardOpenError if it cannot be opened."""
+    """(valid sample count, problems) of one shard.
+
+    Raises ShardOpenError if it cannot be opened, NotATarShard if it breaks before its first sample.
+    """
     fd, size = open_shard(shard)
     valid, problems = 0, []
     try:
-        for group in iter_groups(fd, size):
+        for i, group in enumerate(iter_groups(fd, size)):
             if isinstance(group, TarFormatError):
+                if i == 0:
+                    raise NotATarShard(
+                        f"not a readable tar shard: {group}; expected a WebDataset .tar "
+                        "(an uncompressed tar: unpack .tar.gz first), repack or remove it"
+                    )
                 raw = RawSample("", shard, {}, problem=(group.kind, group.member or f"@{group.offset}", str(group)))
             else:
                 try:
@@ -47,6 +63,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         description="Check WebDataset tar shards for samples that training would skip.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="a .tar shard or a directory of them")
+    parser.add_argument("--strict", action="store_true", help="also exit 1 when any sample was skipped")
     args = parser.parse_args(argv)
     total_valid = total_skipped = num_shards = 0
     ok = True
@@ -65,12 +82,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
                 print(f"{shard}: cannot open: {e}", file=out)
                 ok = False
                 continue
+            except NotATarShard as e:
+                print(f"{shard}: {e}", file=out)
+                ok = False
+                continue
             print(f"{shard}: valid={valid} skipped={len(problems)}", file=out)
             for p in problems:
                 print(f"  {p.where}: {p.kind}: {p.message}", file=out)
             total_valid += valid
             total_skipped += len(problems)
     print(f"valid={total_valid} skipped={total_skipped} shards={num_shards}", file=out)
+    if args.strict and total_skipped:
+        ok = False
     return 0 if ok else 1
 
 

@@ -1,11 +1,13 @@
 """Bad data is skipped and counted per kind, never a crash or a hang; a bomb is refused."""
 
+import gzip
 import io
 import logging
 import os
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 
 import numpy as np
@@ -177,3 +179,53 @@ def test_all_bad_data_raises_instead_of_hanging(tmp_path):
     )
     with pytest.raises(RuntimeError, match="bad samples in a row"):
         next(it)
+
+
+def not_a_tar(kind: str) -> bytes:
+    """Files that are no tar shard at all: text, a gzip'd tar, a tar cut inside its first header."""
+    if kind == "text":
+        return b"key\tcaption\n" * 100
+    if kind == "gzip":
+        return gzip.compress(b"\0" * 4096)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("k1.txt")
+        info.size = 7
+        tf.addfile(info, io.BytesIO(b"caption"))
+    return buf.getvalue()[:300]
+
+
+@pytest.mark.parametrize("kind", ["text", "gzip", "cut_header"])
+def test_check_cli_exits_one_on_a_folder_with_a_file_that_is_not_a_tar(tmp_path, kind):
+    write_shard(str(tmp_path / "a.tar"), [good("k1", 1), good("k2", 2)])
+    write_shard(str(tmp_path / "b.tar"), [good("k3", 3)])
+    (tmp_path / "c.tar").write_bytes(not_a_tar(kind))
+    out = io.StringIO()
+    assert check.main([str(tmp_path)], out=out) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == [f"{tmp_path / 'a.tar'}: valid=2 skipped=0", f"{tmp_path / 'b.tar'}: valid=1 skipped=0"]
+    assert lines[2].startswith(f"{tmp_path / 'c.tar'}: not a readable tar shard: ")
+    assert lines[3:] == ["valid=3 skipped=0 shards=3"]
+
+
+def test_check_cli_as_module_exit_status_with_and_without_a_file_that_is_not_a_tar(tmp_path):
+    write_shard(str(tmp_path / "a.tar"), [good("k1", 1), good("k2", 2)])
+    write_shard(str(tmp_path / "b.tar"), [good("k3", 3)])
+    cmd = [sys.executable, "-m", "nxtp_jax.data.check"]
+    good_only = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert good_only.returncode == 0, good_only.stdout + good_only.stderr
+    (tmp_path / "notes.tar").write_bytes(not_a_tar("text"))
+    with_text = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert with_text.returncode == 1, with_text.stdout + with_text.stderr
+    assert with_text.stdout.splitlines()[-1] == "valid=3 skipped=0 shards=3"
+    assert f"{tmp_path / 'notes.tar'}: not a readable tar shard" in with_text.stdout
+
+
+def test_check_cli_strict_exits_one_when_a_sample_was_skipped(tmp_path):
+    shards, good_keys, expected = make_bad_shards(tmp_path)
+    assert check.main(shards, out=io.StringIO()) == 0  # skipped samples alone are not a failure
+    assert check.main(["--strict", *shards], out=io.StringIO()) == 1
+    clean = str(tmp_path / "clean" / "ok.tar")
+    os.makedirs(os.path.dirname(clean))
+    write_shard(clean, [good("k1", 1)])
+    assert check.main(["--strict", clean], out=io.StringIO()) == 0
