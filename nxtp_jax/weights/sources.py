@@ -2,7 +2,8 @@
 
 torch pickles are opened with `weights_only=True` and, for zip-format files, `mmap=True`,
 so the blocks a truncated model drops are never read from a 13 GB file. OpenAI's CLIP
-archives are TorchScript and go through `torch.jit.load`, as OpenAI's own loader does.
+archives are TorchScript: they are read as data (`torchscript.read_state_dict`), never
+with `torch.jit.load`, and only where a CLIP archive is expected. No input runs code.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import abc
 import os
 import pathlib
-import warnings
+import pickle
 import zipfile
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,17 +49,31 @@ def is_torchscript(path: str | os.PathLike) -> bool:
         return any(name.split("/", 1)[-1] == "constants.pkl" for name in z.namelist())
 
 
-def load_torch(path: str | os.PathLike, what: str) -> Any:
-    """The object in a torch file: a TorchScript archive's state dict, or a pickle read with weights_only."""
+def load_torch(path: str | os.PathLike, what: str, *, torchscript: bool = False) -> Any:
+    """The object in a torch file, read with weights_only; with `torchscript`, also a TorchScript archive's tensors."""
+    from nxtp_jax.weights.tables import WeightImportError
+
     path = require_file(path, what)
     torch = _torch()
     if is_torchscript(path):
-        with warnings.catch_warnings():
-            # torch deprecates TorchScript, but it is the format OpenAI distributes CLIP in.
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
-    # mmap needs the zip format; legacy pickles are read whole.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        if not torchscript:
+            raise WeightImportError(
+                f"expected {what} at {path}, found a TorchScript archive; only --clip takes one. "
+                "Pass the torch.save state dict (.pth / .bin) or a .safetensors file"
+            )
+        from nxtp_jax.weights.torchscript import read_state_dict
+
+        return read_state_dict(str(path))
+    try:
+        # mmap needs the zip format; legacy pickles are read whole.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise WeightImportError(f"expected {what} at {path}, found a pickle that needs more than tensors to load; refused ({first})") from e
+    except (EOFError, RuntimeError, ValueError) as e:
+        raise WeightImportError(
+            f"expected {what} at {path}, found a file torch cannot read ({type(e).__name__}: {str(e).strip()[:200] or 'empty or truncated'})"
+        ) from e
 
 
 class TensorSource(abc.ABC):

@@ -13,13 +13,15 @@ import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
+from nxtp_jax.errors import NxtpError
 from nxtp_jax.weights.sources import TensorSource
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-class WeightImportError(ValueError):
+class WeightImportError(NxtpError, ValueError):
     """A source checkpoint does not match what the importer expects."""
 
 
@@ -86,14 +88,7 @@ class SourceReport:
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     """{"a/b/c": x} -> {"a": {"b": {"c": x}}}: Flax's nested param dict."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def _first(items: list[str], n: int = 8) -> str:

@@ -1,0 +1,40 @@
+"""User errors: bad files, flags and workdirs. The command-line tools print them as one line.
+
+    NxtpError          the base; its message says what was expected, what was found, what to do
+      CheckpointError  a checkpoint directory or workdir that cannot be read (config.json, tokenizer, params)
+      WorkdirError     a workdir that cannot be used: unwritable, locked by another run, another model
+    (and, elsewhere: ConfigError, WeightImportError, BadImageError, all ValueErrors)
+
+`python -m nxtp_jax.main`, `python -m nxtp_jax.infer` and `convert/*.py` print
+`error: <message>` for these, and for ValueError / OSError, and exit 1; `--verbose`
+adds the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+
+class NxtpError(Exception):
+    """A user error that the command-line tools report as one line."""
+
+
+class CheckpointError(NxtpError, ValueError):
+    """A checkpoint directory (or a training workdir) whose config, tokenizer or params cannot be read."""
+
+
+class WorkdirError(NxtpError):
+    """A training workdir that this run cannot use."""
+
+
+# What the entry points print as one line instead of a traceback.
+USER_ERRORS = (NxtpError, ValueError, OSError)
+
+
+def report(error: BaseException, verbose: bool = False) -> int:
+    """Prints `error: <message>` to stderr (after the traceback if `verbose`); returns the exit status 1."""
+    if verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"error: {str(error) or type(error).__name__}", file=sys.stderr, flush=True)
+    return 1

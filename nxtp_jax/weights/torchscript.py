@@ -1,0 +1,150 @@
+"""A TorchScript archive (OpenAI's `ViT-L-14.pt`) read as data: its named tensors, no code run.
+
+`torch.jit.load` runs the archive's TorchScript (a `__setstate__` method, for one). Here
+`data.pkl` goes through an unpickler that knows only what rebuilds tensors: the module
+objects (`__torch__.*` classes) become plain attribute holders, TorchScript's typed lists
+plain lists, storages come from the
+archive's `data/N` entries, and any other global is refused. The tensors are named as
+`state_dict()` names them: the module attributes' dotted paths.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import zipfile
+from typing import Any
+
+from nxtp_jax.weights.tables import WeightImportError
+
+
+class ModuleState:
+    """A `__torch__` object from the pickle: only the attributes its state sets (nothing runs)."""
+
+    attributes: dict[str, Any] = {}  # replaced, never mutated, by __setstate__
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.attributes = dict(state)
+
+
+def _module_class(qualname: str) -> type:
+    return type(qualname, (ModuleState,), {})
+
+
+def _storage_dtypes(torch) -> dict[str, Any]:
+    return {
+        "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+        "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+        "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+        "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
+    }
+
+
+class _StorageType:
+    def __init__(self, dtype: Any):
+        self.dtype = dtype
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    import torch
+
+    return torch.as_strided(storage, tuple(size), tuple(stride), offset)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data
+
+
+def _identity(value, *type_tag):
+    return value
+
+
+# TorchScript's typed containers (`torch.jit._pickle`): each returns its first argument.
+_JIT_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+        super().__init__(file)
+        import torch
+
+        self.torch = torch
+        self.archive, self.prefix, self.path = archive, prefix, path
+        self.dtypes = _storage_dtypes(torch)
+        self.storages: dict[str, Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("__torch__"):
+            return _module_class(f"{module}.{name}")
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor_v2
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in self.dtypes:
+            return _StorageType(self.dtypes[name])
+        if module == "torch.jit._pickle" and name in _JIT_CONTAINERS:
+            return _identity
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        raise WeightImportError(
+            f"{self.path}: the TorchScript archive's data.pkl refers to {module}.{name}, which is not part of "
+            "a tensor state; refusing to load it (expected only __torch__ modules, tensors and storages)"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ("storage", storage_type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise WeightImportError(f"{self.path}: unexpected persistent id {pid!r} in data.pkl; not a tensor storage")
+        _, storage_type, key, _, numel = pid
+        if key not in self.storages:
+            entry = f"{self.prefix}data/{key}"
+            try:
+                raw = bytearray(self.archive.read(entry))
+            except KeyError:
+                raise WeightImportError(f"{self.path}: data.pkl names the storage {entry}, which the archive lacks") from None
+            torch = self.torch
+            flat = torch.frombuffer(raw, dtype=storage_type.dtype) if raw else torch.empty(0, dtype=storage_type.dtype)
+            if flat.numel() != numel:
+                raise WeightImportError(
+                    f"{self.path}: storage {entry} holds {flat.numel()} elements, data.pkl says {numel}; the archive is damaged"
+                )
+            self.storages[key] = flat
+        return self.storages[key]
+
+
+def _collect(obj: Any, prefix: str, out: dict[str, Any], seen: set[int]) -> None:
+    import torch
+
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for name, value in obj.attributes.items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif isinstance(value, ModuleState):
+            _collect(value, f"{prefix}{name}.", out, seen)
+
+
+def read_state_dict(path: str) -> dict[str, Any]:
+    """The named tensors of a TorchScript archive, as `torch.jit.load(path).state_dict()` has them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise WeightImportError(f"{path}: expected one <name>/data.pkl in the TorchScript archive, found {pickles}")
+            prefix = pickles[0][: -len("data.pkl")]
+            with archive.open(pickles[0]) as f:
+                root = _Unpickler(f, archive, prefix, path).load()
+    except WeightImportError:
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        raise WeightImportError(f"{path}: cannot read the TorchScript archive's tensors ({type(e).__name__}: {e})") from e
+    if not isinstance(root, ModuleState):
+        raise WeightImportError(f"{path}: expected a TorchScript module in data.pkl, found {type(root).__name__}")
+    out: dict[str, Any] = {}
+    _collect(root, "", out, set())
+    return out
