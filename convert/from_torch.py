@@ -18,7 +18,7 @@ import sys
 
 from nxtp_jax import checkpoint
 from nxtp_jax.weights import convert, save
-from nxtp_jax.weights.convert import DTYPES
+from nxtp_jax.choices import DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from nxtp_jax.export.ort_tagger import OrtTagger  # noqa: E402
 from nxtp_jax.inference.formatting import format_json, format_text  # noqa: E402
-from nxtp_jax.inference.ranking import RANKINGS  # noqa: E402
+from nxtp_jax.choices import RANKINGS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -32,6 +32,15 @@ class WorkdirError(NxtpError):
 USER_ERRORS = (NxtpError, ValueError, OSError)
 
 
+def verbose_flag():
+    """The absl `--verbose` flag of the entry points (defined once, whichever imports first)."""
+    from absl import flags
+
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, "On an error, print its traceback, not only its one-line message.")
+    return flags.FLAGS["verbose"]
+
+
 def report(error: BaseException, verbose: bool = False) -> int:
     """Prints `error: <message>` to stderr (after the traceback if `verbose`); returns the exit status 1."""
     if verbose:

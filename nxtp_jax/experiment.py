@@ -18,18 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from nxtp_jax.training import optim
+from nxtp_jax.data import registry
+from nxtp_jax.choices import DTYPES, EMBEDDERS, EVAL_RANKINGS, INITS, LABEL_SOURCES, MODES, SCHEDULES, STRATEGIES, SYNTHETIC
+from nxtp_jax.params import ALL_ROWS
 from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
 from nxtp_jax.sharding import MESH_AXES
-from nxtp_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nxtp_jax.tokenizer import LLAMA2_PIECES, SPECIAL_TOKENS, Tokenizer
 
-MODES = ("train", "eval", "train_and_eval")
-INITS = ("checkpoint", "scratch")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-SYNTHETIC = ("", "shapes")
-EVAL_STRATEGIES = ("one_shot", "greedy", "beam")
-EVAL_RANKINGS = ("prob", "ppl", "sim", "none", "clip")
-EVAL_EMBEDDERS = ("minilm", "exact", "clip")
 CONVERT_HINT = (
     "make it with `python convert/from_torch.py --clip ViT-L-14.pt --llama llama-2-7b --layers 6 --out DIR` "
     "(CLIP: https://github.com/openai/CLIP, LLaMA-2: https://llama.meta.com/llama-downloads) "
@@ -50,32 +45,37 @@ def load_config_module(anchor_file: str, name: str) -> types.ModuleType:
 
 def dtype(name: str) -> Any:
     if name not in DTYPES:
-        raise ValueError(f"expected a dtype in {sorted(DTYPES)}, found {name!r}")
-    return DTYPES[name]
+        raise ValueError(f"expected a dtype in {DTYPES}, found {name!r}")
+    return jnp.dtype(name)
 
 
 def model_config(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
-    """The architecture from config.model; vocabulary and special ids from the tokenizer."""
-    v, d = config.model.vision, config.model.decoder
+    """The architecture from every field of config.model.vision / .decoder; vocabulary and special ids from the tokenizer."""
     return ModelConfig(
-        vision=VisionConfig(width=v.width, layers=v.layers, patch_size=v.patch_size, image_size=v.image_size),
-        decoder=DecoderConfig(
-            dim=d.dim,
-            layers=d.layers,
-            n_heads=d.n_heads,
-            n_kv_heads=d.n_kv_heads,
-            vocab_size=tokenizer.vocab_size,
-            multiple_of=d.multiple_of,
-            ffn_dim_multiplier=d.ffn_dim_multiplier,
-            norm_eps=d.norm_eps,
-            rope_theta=d.rope_theta,
-        ),
+        vision=VisionConfig(**config.model.vision.to_dict()),
+        decoder=DecoderConfig(**config.model.decoder.to_dict(), vocab_size=tokenizer.vocab_size),
         special_tokens=SpecialTokens(image=tokenizer.image_id, empty=tokenizer.empty_id),
     )
 
 
+# The paper's experiment file; only a checkout has it (the package does not ship configs/).
+BASE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.py"
+
+
+def full_size(layers: int | None = None, image_size: int | None = None) -> ModelConfig:
+    """The paper's architecture as configs/base.py writes it (ViT-L/14 + LLaMA-2 7B blocks) with
+    LLaMA-2's 32000-piece vocabulary, for random-weight benchmarks; `layers` decoder blocks if given."""
+    config = load_config_module(str(BASE_CONFIG), BASE_CONFIG.name).get_config()
+    if layers is not None:
+        config.model.decoder.layers = layers
+    if image_size is not None:
+        config.model.vision.image_size = image_size
+    vocab = types.SimpleNamespace(vocab_size=LLAMA2_PIECES + len(SPECIAL_TOKENS), image_id=LLAMA2_PIECES, empty_id=LLAMA2_PIECES + 1)
+    return model_config(config, vocab)
+
+
 def num_image_tokens(config: config_dict.ConfigDict) -> int:
-    return (config.model.vision.image_size // config.model.vision.patch_size) ** 2
+    return VisionConfig(**config.model.vision.to_dict()).num_patches
 
 
 def text_length(config: config_dict.ConfigDict) -> int:
@@ -83,22 +83,15 @@ def text_length(config: config_dict.ConfigDict) -> int:
     return config.max_seq_len - num_image_tokens(config)
 
 
-def dataset_length(config: config_dict.ConfigDict) -> int:
-    return sum(int(config.data.registry[name.lower()]["length"]) for name in config.data.train)
-
-
 def total_steps(config: config_dict.ConfigDict) -> int:
     if config.total_steps > 0:
         return config.total_steps
-    return config.epochs * (dataset_length(config) // config.batch_size)
-
-
-def steps_per_epoch(config: config_dict.ConfigDict) -> int:
-    return max(1, dataset_length(config) // config.batch_size)
+    return config.epochs * (registry.total_length(config.data.train, config.data.registry) // config.batch_size)
 
 
 def warmup_steps(config: config_dict.ConfigDict) -> int:
-    return optim.warmup_steps(total_steps(config), config.optim.warmup_ratio, config.optim.warmup_steps)
+    """max(warmup_ratio % of the total, optim.warmup_steps), as the original."""
+    return max(int(config.optim.warmup_ratio * 0.01 * total_steps(config)), config.optim.warmup_steps)
 
 
 def last_step(config: config_dict.ConfigDict) -> int:
@@ -139,7 +132,7 @@ def tokenizer_path(config: config_dict.ConfigDict, workdir: str | os.PathLike) -
 
 def embedding_row_ids(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> list[int] | None:
     """Ids of the embedding rows that train, or None for all rows."""
-    if tuple(config.embedding_rows) == (optim.ALL_ROWS,):
+    if tuple(config.embedding_rows) == (ALL_ROWS,):
         return None
     return [tokenizer.encode(token, bos=False, eos=False)[0] for token in config.embedding_rows]
 
@@ -161,14 +154,14 @@ def validate(config: config_dict.ConfigDict, *, process_count: int | None = None
 
     one_of(config.mode, MODES, "mode")
     one_of(config.model.init, INITS, "model.init")
-    one_of(config.model.dtype, tuple(DTYPES), "model.dtype")
-    one_of(config.model.param_dtype, tuple(DTYPES), "model.param_dtype")
+    one_of(config.model.dtype, DTYPES, "model.dtype")
+    one_of(config.model.param_dtype, DTYPES, "model.param_dtype")
     one_of(config.model.attention_impl, ("", "cudnn"), "model.attention_impl")
-    one_of(config.optim.schedule, optim.SCHEDULES, "optim.schedule")
+    one_of(config.optim.schedule, SCHEDULES, "optim.schedule")
     one_of(config.data.synthesize, SYNTHETIC, "data.synthesize")
-    one_of(config.eval.strategy, EVAL_STRATEGIES, "eval.strategy")
+    one_of(config.eval.strategy, STRATEGIES, "eval.strategy")
     one_of(config.eval.ranking, EVAL_RANKINGS, "eval.ranking")
-    one_of(config.eval.embedder, EVAL_EMBEDDERS, "eval.embedder")
+    one_of(config.eval.embedder, EMBEDDERS, "eval.embedder")
     _check_model(config, need)
     _check_data(config, need)
     _check_training(config, need, process_count, device_count)
@@ -181,7 +174,7 @@ def validate(config: config_dict.ConfigDict, *, process_count: int | None = None
                 problems.append(f"{field}: {pattern!r} is not a regular expression ({e})")
     rows = tuple(config.embedding_rows)
     need(
-        rows == (optim.ALL_ROWS,) or all(r in SPECIAL_TOKENS for r in rows),
+        rows == (ALL_ROWS,) or all(r in SPECIAL_TOKENS for r in rows),
         f"embedding_rows: expected special tokens from {SPECIAL_TOKENS} or ('*',), found {rows}",
     )
     rule_names = [r[0] for r in config.logical_axis_rules]
@@ -238,8 +231,10 @@ def _check_data(config, need) -> None:
                 f"data: dataset {name!r} expected shards under {root}, found no such directory; "
                 "set --config.data.root, or pack the dataset as docs/data.md describes",
             )
-    sources = ("auto", "caption", "none")
-    need(config.data.label_source in sources, f"data.label_source: expected one of {sources}, found {config.data.label_source!r}")
+    need(
+        config.data.label_source in LABEL_SOURCES,
+        f"data.label_source: expected one of {LABEL_SOURCES}, found {config.data.label_source!r}",
+    )
     need(config.data.worker_count >= 0, f"data.worker_count: expected >= 0, found {config.data.worker_count}")
 
 

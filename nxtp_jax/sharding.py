@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -34,11 +34,20 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch_h", None),
     ("patch_w", None),
     ("channels", None),
+    # Activations at block boundaries ([batch, length, embed], [.., heads, head_dim], [.., mlp]) reuse
+    # the names above. Rules apply in order: `batch` takes fsdp first, so activations are
+    # split over the batch there and replicated over their width.
+    ("length", None),
+    ("head_dim", None),
 )
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh. `shape` sizes may use -1 once for "all remaining devices"."""
+    """The one (data, fsdp, tensor) mesh constructor. `shape` sizes may use -1 once for "all remaining devices".
+
+    `jax.make_mesh` lays the axes out along the hardware topology (TPU torus, NVLink
+    islands). Axes are Auto: sharding constraints apply and XLA propagates the rest.
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = dict(data=-1, fsdp=1, tensor=1) if shape is None else {a: int(shape.get(a, 1)) for a in MESH_AXES}
     known = int(np.prod([s for s in sizes.values() if s != -1]))
@@ -47,8 +56,33 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
     sizes = {a: (len(devices) // known if s == -1 else s) for a, s in sizes.items()}
     if int(np.prod(list(sizes.values()))) != len(devices):
         raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, found {len(devices)}")
-    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-    return Mesh(grid, MESH_AXES)
+    return jax.make_mesh(
+        tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def local_mesh(fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh over this process's devices (all of them by default): inference needs no cross-host collectives.
+
+    Every process of a multi-host run gets a mesh of its own devices, never process 0's.
+    """
+    devices = list(devices if devices is not None else jax.local_devices())
+    if len(devices) % (fsdp * tensor):
+        raise ValueError(
+            f"expected the {len(devices)} local devices to split into fsdp={fsdp} x tensor={tensor} groups; "
+            "set mesh.fsdp and mesh.tensor to divisors of the devices per host"
+        )
+    return make_mesh({"data": -1, "fsdp": fsdp, "tensor": tensor}, devices)
+
+
+def one_device_mesh() -> Mesh:
+    """This process's first device, as a mesh: the default for single-image inference and initialisation."""
+    return local_mesh(devices=jax.local_devices()[:1])
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+    """Leading (batch) dimension over the mesh axes of the logical "batch" axis, in training and evaluation alike."""
+    return nn.logical_to_mesh_sharding(PartitionSpec("batch"), mesh, tuple(rules))
 
 
 def check_rules(logical_specs: Any, rules: Sequence[tuple[str, Any]]) -> None:

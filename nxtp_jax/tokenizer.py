@@ -20,6 +20,7 @@ IMAGE_TOKEN = "<|image|>"
 EMPTY_TOKEN = "<|empty|>"
 # The order fixes the ids: IMAGE_TOKEN = V, EMPTY_TOKEN = V + 1.
 SPECIAL_TOKENS = (IMAGE_TOKEN, EMPTY_TOKEN)
+LLAMA2_PIECES = 32000  # sentencepiece pieces of LLaMA-2's tokenizer.model
 DELIMITER = ","
 
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
@@ -37,7 +38,13 @@ class Tokenizer:
                 f"expected a sentencepiece model file at {self.model_path}, found nothing there; "
                 "pass the path of LLaMA's tokenizer.model (or one made with train_sentencepiece)"
             )
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.model_path))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.model_path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"expected a sentencepiece model at {self.model_path}, found a file sentencepiece cannot read "
+                f"({str(e).strip()[:200]}); pass LLaMA's tokenizer.model (or one made with train_sentencepiece)"
+            ) from e
         self.num_base = self.sp.vocab_size()
         self.vocab_size = self.num_base + len(SPECIAL_TOKENS)
         self.bos_id = self.sp.bos_id()

@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nxtp_jax import experiment, prompts
+from nxtp_jax import experiment, prompts, sharding
 from nxtp_jax.evaluation import job as evaluate, metrics
 from nxtp_jax.data import imagenet
 from nxtp_jax.data import shapes
-from nxtp_jax.models.config import full_size
+from nxtp_jax.experiment import full_size
 from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.inference.tagger import Tagger
 from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
@@ -77,7 +77,7 @@ def small_setup(args, workdir: pathlib.Path):
     images = np.stack([s[0] for s in scenes])
     targets = [s[2] for s in scenes]
     if args.ckpt:
-        tagger = evaluate.load_tagger(args.ckpt, evaluate.local_mesh(), dtype=jnp.float32, param_dtype=jnp.float32, batch_size=args.batch)
+        tagger = evaluate.load_tagger(args.ckpt, sharding.local_mesh(), dtype=jnp.float32, param_dtype=jnp.float32, batch_size=args.batch)
         return tagger, images, targets
     corpus = list(prompts.OBJECT_TEMPLATES) * 50 + [", ".join(s[2]) for s in scenes] + [s[1] for s in scenes]
     tok = Tokenizer(train_sentencepiece(corpus, workdir / "bench.model", config.tokenizer.vocab_size))
@@ -125,7 +125,7 @@ def main() -> None:
 
     workdir = pathlib.Path(tempfile.mkdtemp())
     tagger, images, targets = (full_setup if args.full else small_setup)(args, workdir)
-    mesh = evaluate.local_mesh()
+    mesh = sharding.local_mesh()
     tagger.params = evaluate.place_params(tagger.params, mesh)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(tagger.params))
     print(f"{n_params / 1e6:.1f}M params, {images.shape[1]}px, batch {args.batch}, top-{args.k}, "

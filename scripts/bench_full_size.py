@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_infer import bench_tokenizer  # scripts/ is on the path when a script runs
-from nxtp_jax.models.config import full_size
+from nxtp_jax.experiment import full_size
 from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.inference.tagger import Tagger
 from nxtp_jax.tokenizer import Tokenizer

@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from nxtp_jax.models.config import full_size
+from nxtp_jax.experiment import full_size
 from nxtp_jax.models.recognizer import Recognizer, init_params
 
 GIB = 1024**3

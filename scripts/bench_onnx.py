@@ -40,7 +40,8 @@ def make_checkpoint(args) -> None:
     import jax
 
     from nxtp_jax import checkpoint
-    from nxtp_jax.models.config import SpecialTokens, full_size
+    from nxtp_jax.experiment import full_size
+    from nxtp_jax.models.config import SpecialTokens
     from nxtp_jax.models.recognizer import Recognizer, init_params
 
     from bench_infer import bench_tokenizer  # scripts/ is on the path when a script runs

@@ -95,37 +95,24 @@ def synthetic_batch(config, model_cfg, rng):
 def build(config, mesh, rules, abstract_only: bool):
     import jax
 
-    from nxtp_jax import checkpoint, experiment
+    from nxtp_jax import checkpoint, experiment, params as ptree, sharding
     from nxtp_jax.training import optim, loop as train, step as train_state
 
     model_cfg = experiment.model_config(config, vocabulary())
     model = train.build_model(config, model_cfg)
-    o = config.optim
-    total, warmup = experiment.total_steps(config), experiment.warmup_steps(config)
-    schedule = optim.lr_schedule(lr=o.lr, lr_min=o.lr_min, total_steps=total, warmup=warmup, kind=o.schedule)
-
-    def make_tx(trainable):
-        decay = optim.decay_mask(trainable, tuple(o.no_decay), tuple(o.force_decay))
-        return optim.adamw(schedule, decay, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
-
+    schedule, make_tx = optim.from_config(config)
     if abstract_only:
         abstract = checkpoint.abstract_params(model, mesh, rules)
         return model, train_state.abstract_state(abstract, tuple(config.trainable), make_tx, mesh)
     params = checkpoint.scratch_params(model, config.seed, mesh, rules)
     state, frozen, tx = train_state.create(params, tuple(config.trainable), make_tx, mesh)
     del params
-    opts = train_state.StepOptions(
-        num_image_tokens=model_cfg.vision.num_patches,
-        delimiter_id=vocabulary().delimiter_id,
-        grad_accum_steps=config.grad_accum_steps,
-        weight_loss_obj=config.weight_loss_obj,
-        weight_loss_cap=config.weight_loss_cap,
-    )
+    opts = train_state.StepOptions.from_config(config, model_cfg, vocabulary().delimiter_id)
     rows = None
-    if tuple(config.embedding_rows) != (optim.ALL_ROWS,):
+    if tuple(config.embedding_rows) != (ptree.ALL_ROWS,):
         rows = jax.numpy.asarray(optim.embedding_row_mask(model_cfg.decoder.vocab_size, [vocabulary().image_id]))
     step = train_state.make_train_step(model, tx, schedule, opts, rows)
-    spec = train_state.batch_sharding(mesh, rules)
+    spec = sharding.batch_sharding(mesh, rules)
     return model, (state, frozen, train_state.jit_train_step(step, state, frozen, spec, mesh), spec)
 
 

@@ -15,14 +15,15 @@ Batching stacks them ([B, ...]; strings become numpy str arrays).
 from __future__ import annotations
 
 import functools
-import os
+import threading
 import zlib
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 
-from nxtp_jax.data.samples import LABEL_SOURCES, RawSample, Skip, decode_sample
+from nxtp_jax.choices import LABEL_SOURCES
+from nxtp_jax.data.samples import RawSample, Skip, decode_sample
 from nxtp_jax.data.skips import SkipCountingIterDataset, skip_fields
 from nxtp_jax.data.stream import TarStreamIterDataset
 from nxtp_jax.data.tar import TarFormatError, iter_groups, open_shard, read_bytes
@@ -207,15 +208,15 @@ class _EvalSource:
     """Random access to this process's eval samples, padded to a whole number of batches.
 
     `entries[i]` is an index into `samples`, or -1 for padding (read as `PADDING`, since
-    grain takes a None element for a filtered one). Shards are opened lazily in whichever
-    process reads them and never pickled open.
+    grain takes a None element for a filtered one). grain reads with several threads, so
+    each thread opens the shards it reads, lazily; nothing is pickled open.
     """
 
     def __init__(self, shards: list[str], samples: list[tuple[int, str, Any]], entries: list[int]):
         self.shards = shards
         self.samples = samples
         self.entries = entries
-        self._fds: dict[int, int] = {}
+        self._local = threading.local()  # .files: {shard index: ShardFile} of this thread
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -228,13 +229,10 @@ class _EvalSource:
         shard = self.shards[shard_index]
         if isinstance(members, TarFormatError):
             return RawSample(key, shard, {}, 0, (members.kind, members.member or key, str(members)))
-        fd = self._fds.get(shard_index)
+        files = self._local.__dict__.setdefault("files", {})
+        fd = files.get(shard_index)
         if fd is None:
-            # grain reads with several threads: the first descriptor stored wins.
-            opened = open_shard(shard)[0]
-            fd = self._fds.setdefault(shard_index, opened)
-            if fd != opened:
-                os.close(opened)
+            fd = files[shard_index] = open_shard(shard)[0]
         try:
             data = {ext: read_bytes(fd, m) for ext, m in members.items()}
         except TarFormatError as e:
@@ -242,11 +240,10 @@ class _EvalSource:
         return RawSample(key, shard, data, 0)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fds": {}}
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
 
-    def __del__(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _local=threading.local())
 
     def __repr__(self) -> str:
         return f"_EvalSource({len(self.shards)} shards, {len(self.samples)} samples, {len(self.entries)} slots)"
@@ -279,7 +276,7 @@ def _index_shards(shards: Sequence[str]) -> list[tuple[int, str, Any]]:
                 else:
                     samples.append((shard_index, group.key, group.members))
         finally:
-            os.close(fd)
+            fd.close()
     return samples
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from nxtp_jax.choices import LABEL_SOURCES
 from nxtp_jax.data import preprocess
 from nxtp_jax.data.tar import CAPTION_EXT, IMAGE_EXTS, JSON_EXT
 
@@ -26,7 +27,6 @@ SKIP_KINDS = (
     "bad_json",  # json member that does not parse, or whose "labels" is not a list of strings
 )
 
-LABEL_SOURCES = ("auto", "caption", "none")
 
 
 @dataclasses.dataclass

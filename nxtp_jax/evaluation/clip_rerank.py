@@ -82,7 +82,7 @@ class ClipReranker:
             drop_patterns=[(r"(?!visual\.).*", "text tower and metadata (embedders.ClipText reads the tower)")],
         )
         flat, _ = apply_table(source, table)
-        mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices()[:1])
+        mesh = mesh if mesh is not None else sharding.one_device_mesh()
         self.params = jax.device_put(nest(flat)["vision_encoder"], sharding.replicated(mesh))
         self.encoder = VisionTransformer(vision, embed_dim)
         self.logit_scale = float(np.exp(source.read("logit_scale")))

@@ -1,4 +1,4 @@
-"""The evaluation job (SPEC §5): top-k labels for every image of a split, scored with the Semantic F-score.
+"""The evaluation job (docs/method.md §6): top-k labels for every image of a split, scored with the Semantic F-score.
 
     python -m nxtp_jax.main --config=configs/g3m.py --config.mode=eval \
         --config.eval.ckpt=DIR --config.eval.dataset=coco_valid
@@ -34,15 +34,14 @@ from tqdm import tqdm
 
 from nxtp_jax import experiment, sharding
 from nxtp_jax.evaluation import metrics
-from nxtp_jax.inference import ranking
 from nxtp_jax.data import preprocess
-from nxtp_jax.inference.tagger import STRATEGIES, Tagger, check_decoding
+from nxtp_jax.choices import EVAL_RANKINGS
+from nxtp_jax.inference.tagger import Tagger, check_decoding
 
 log = logging.getLogger(__name__)
 
 RECORDS_FILE = "eval_{dataset}.jsonl"
 METRICS_FILE = "eval_metrics.json"
-RANKINGS = ranking.RANKINGS + ("clip",)
 
 
 # -- predicting labels for a batch --------------------------------------------------------
@@ -55,17 +54,6 @@ class Prediction:
 
     labels: list[tuple[str, float]]
     sampled: list[tuple[str, float]] | None = None
-
-
-def local_mesh(fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over this process's devices: evaluation needs no cross-host collectives."""
-    devices = list(devices if devices is not None else jax.local_devices())
-    if len(devices) % (fsdp * tensor):
-        raise ValueError(
-            f"expected the {len(devices)} local devices to split into fsdp={fsdp} x tensor={tensor} groups; "
-            "set mesh.fsdp and mesh.tensor to divisors of the devices per host"
-        )
-    return sharding.make_mesh({"data": -1, "fsdp": fsdp, "tensor": tensor}, devices)
 
 
 def load_tagger(ckpt: str | os.PathLike, mesh: Mesh, *, dtype: Any, param_dtype: Any, batch_size: int) -> Tagger:
@@ -111,8 +99,8 @@ class BatchPredictor:
     ):
         if k < 1:
             raise ValueError(f"expected k >= 1 labels per image, found {k}")
-        if ranking_method not in RANKINGS:
-            raise ValueError(f"expected ranking in {RANKINGS}, found {ranking_method!r}")
+        if ranking_method not in EVAL_RANKINGS:
+            raise ValueError(f"expected ranking in {EVAL_RANKINGS}, found {ranking_method!r}")
         check_decoding(strategy, ranking_method)
         if ranking_method == "clip" and reranker is None:
             raise ValueError("ranking 'clip' needs a reranker (clip_rerank.ClipReranker over OpenAI's CLIP archive)")
@@ -120,12 +108,12 @@ class BatchPredictor:
         self.k = k
         self.strategy = strategy
         self.ranking_method = ranking_method
-        self.mesh = mesh if mesh is not None else local_mesh(devices=jax.local_devices()[:1])
+        self.mesh = mesh if mesh is not None else sharding.one_device_mesh()
         self.reranker = reranker
         self.decoder_kw = dict(decoder_kw or {})
         self._key = jax.random.key(seed)
-        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
-        self.batch_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self._batch_sharding = sharding.batch_sharding(self.mesh)
+        self.batch_multiple = self._batch_sharding.num_devices // self.mesh.shape["tensor"]
 
     def launch(self, images: np.ndarray) -> dict[str, Any]:
         if images.dtype != np.uint8 or images.ndim != 4:
@@ -367,13 +355,8 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
     cfg = config.eval
     workdir = pathlib.Path(workdir)
     ckpt = cfg.ckpt or str(workdir)
-    if cfg.strategy not in STRATEGIES or cfg.ranking not in RANKINGS:
-        raise ValueError(
-            f"expected eval.strategy in {STRATEGIES} and eval.ranking in {RANKINGS}, "
-            f"found {cfg.strategy!r} and {cfg.ranking!r}"
-        )
     clip_archive = cfg.clip_archive
-    mesh = local_mesh(int(config.mesh.fsdp), int(config.mesh.tensor))
+    mesh = sharding.local_mesh(int(config.mesh.fsdp), int(config.mesh.tensor))
     tagger = load_tagger(
         ckpt,
         mesh,

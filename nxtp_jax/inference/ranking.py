@@ -1,4 +1,4 @@
-"""From sampled tokens to ranked labels (SPEC §4 steps 5-7, Appendix A of the paper).
+"""From sampled tokens to ranked labels (docs/method.md §4 steps 5-7, and §5: Appendix A of the paper).
 
 A *group* is the tokens of one label including its closing delimiter, with the
 probabilities they were sampled with. Groups that decode to the same text are merged,
@@ -21,9 +21,9 @@ from typing import Sequence
 
 import numpy as np
 
+from nxtp_jax.choices import RANKINGS
 from nxtp_jax.tokenizer import Tokenizer
 
-RANKINGS = ("prob", "ppl", "sim", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +35,13 @@ class Group:
 def groups_from_branches(tokens: np.ndarray, probs: np.ndarray, delimiter_id: int) -> list[Group]:
     """One-shot branches [k, U] -> one group per branch, cut at its first delimiter.
 
-    A branch with no delimiter among its U sampled tokens gets a forced one.
+    A branch with no delimiter among its U sampled tokens gets a forced one. A branch whose
+    first token is -1 does not exist (a closed vocabulary with fewer than k first tokens).
     """
     groups = []
     for toks, ps in zip(np.asarray(tokens).tolist(), np.asarray(probs).tolist()):
+        if toks[0] < 0:
+            continue
         if delimiter_id in toks:
             end = toks.index(delimiter_id) + 1
             groups.append(Group(tuple(toks[:end]), tuple(ps[:end])))
@@ -55,6 +58,20 @@ def groups_from_stream(tokens: Sequence[int], probs: Sequence[float], delimiter_
             groups.append(Group(tuple(tokens[start : i + 1]), tuple(probs[start : i + 1])))
             start = i + 1
     return groups
+
+
+def check_threshold(min_prob: float, method: str) -> None:
+    """Raises ValueError unless `min_prob` is a probability, and 0 for rankings whose scores are not probabilities."""
+    if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float, np.floating, np.integer)) or not 0 <= min_prob <= 1:
+        raise ValueError(f"expected min_prob in [0, 1], found {min_prob!r}")
+    if min_prob > 0 and method != "prob":
+        raise ValueError(f"expected min_prob 0 with ranking {method!r} (its scores are not probabilities), found {min_prob}; rank by 'prob'")
+
+
+def threshold(ranked: Sequence[tuple[str, float]], num_labels: int | None, min_prob: float = 0.0) -> list[tuple[str, float]]:
+    """The first `num_labels` (None: all) ranked labels, less those scored below `min_prob` (> 0: ranking 'prob')."""
+    kept = [(label, score) for label, score in ranked if score >= min_prob] if min_prob > 0 else list(ranked)
+    return kept[:num_labels]
 
 
 def rank(

@@ -2,6 +2,7 @@
 
     tagger = Tagger.load("ckpt_dir")
     tagger.predict(["cat.jpg"], num_labels=10)   # [[("cat", 0.61), ("sofa", 0.12), ...]]
+    tagger.predict(["cat.jpg"], min_prob=0.1, vocab=["cat", "dog", "sofa"])  # a closed vocabulary
     tagger.loss(["cat.jpg"], [["cat", "sofa"]])  # the training objective, as a float
 """
 
@@ -16,14 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from nxtp_jax import checkpoint, objective, prompts
-from nxtp_jax.inference import decoding, ranking, sampling
+from nxtp_jax.choices import STRATEGIES
+from nxtp_jax.inference import decoding, ranking, sampling, vocabulary
+from nxtp_jax.inference.vocabulary import Vocabulary
 from nxtp_jax.models import mask
 from nxtp_jax.data import preprocess
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 512  # image tokens + text, as the released models were trained
-STRATEGIES = ("one_shot", "greedy", "beam")
 
 
 def check_decoding(strategy: str, ranking_method: str) -> None:
@@ -38,8 +40,15 @@ def default_dtype() -> Any:
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
+def check_num_labels(num_labels: Any) -> None:
+    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
+        raise ValueError(f"expected num_labels >= 1 (labels per image), found {num_labels!r}")
+
+
 class Tagger:
     def __init__(self, model: Recognizer, params: Any, tokenizer: Tokenizer, *, batch_size: int = 8):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"expected batch_size >= 1 (images per forward pass), found {batch_size!r}")
         self.model = model
         self.params = params
         self.tokenizer = tokenizer
@@ -68,42 +77,102 @@ class Tagger:
         """Paths, PIL images or uint8 arrays -> CLIP-normalised float32 [B, R, R, 3]."""
         return np.stack([preprocess.preprocess(img, self.image_size) for img in images])
 
-    def _batches(self, images: Sequence[Any]):
-        for i in range(0, len(images), self.batch_size):
-            yield self.preprocess(images[i : i + self.batch_size])
+    def _batches(self, images: Sequence[Any], errors: str):
+        """(indices, [B, R, R, 3]) of up to batch_size images; with errors="return", unreadable
+        images are yielded alone as (index, error). Decodes batch by batch, so memory stays bounded."""
+        indices, arrays = [], []
+        for i, image in enumerate(images):
+            try:
+                arrays.append(preprocess.preprocess(image, self.image_size))
+                indices.append(i)
+            except (ValueError, OSError) as e:
+                if errors == "raise":
+                    raise
+                yield i, e
+            if len(arrays) == self.batch_size or (arrays and i == len(images) - 1):
+                yield indices, np.stack(arrays)
+                indices, arrays = [], []
 
     def predict(
         self,
         images: Sequence[Any],
         num_labels: int = 10,
         *,
+        min_prob: float = 0.0,
+        vocab: Any = None,
         ranking_method: str = "prob",
         strategy: str = "one_shot",
         seed: int = 0,
+        errors: str = "raise",
         **decoder_kw: Any,
     ) -> list[list[tuple[str, float]]]:
-        """Per image, at most `num_labels` (label, score) pairs, best first.
+        """Per image, at most `num_labels` (label, score) pairs scored at least `min_prob`, best first.
 
+        `errors="raise"` raises on the first image that cannot be read (ValueError, e.g.
+        `BadImageError`, or OSError); `errors="return"` tags every readable image and puts the
+        exception in the place of each one that failed: check entries with
+        `isinstance(r, Exception)`. Non-finite scores (damaged weights) count as a failure.
+
+        `vocab` (None: open vocabulary) is a list of labels, the path of a file with one label
+        per line, or a `Vocabulary` from `self.vocabulary(...)` (build it once when tagging
+        many times); one-shot sampling is then constrained to its entries, so every label is one.
         `strategy` is "one_shot" (the paper's, k = num_labels branches), "greedy" or "beam"
         (`decoder_kw` go to `decoding.greedy` / `decoding.beam_search`; beam search records
         no probabilities, so it ranks by "sim" or "none" only, as in the original).
         """
         if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
             raise TypeError("expected a sequence of images; wrap a single image in a list")
+        if errors not in ("raise", "return"):
+            raise ValueError(f"expected errors='raise' or 'return', found {errors!r}")
+        check_num_labels(num_labels)
         check_decoding(strategy, ranking_method)
+        ranking.check_threshold(min_prob, ranking_method)
+        vocab = self.vocabulary(vocab)
         key = jax.random.key(seed)
-        results = []
-        for batch in self._batches(list(images)):
+        images = list(images)
+        results: list[Any] = [None] * len(images)
+        for indices, batch in self._batches(images, errors):
+            if isinstance(batch, Exception):
+                results[indices] = batch
+                continue
             key, sub = jax.random.split(key)
-            sampled = self.sample(jnp.asarray(batch), num_labels, strategy=strategy, key=sub, **decoder_kw)
-            results += self.rank(sampled, num_labels, ranking_method)
+            sampled = self.sample(jnp.asarray(batch), num_labels, strategy=strategy, key=sub, vocab=vocab, **decoder_kw)
+            for i, labels in zip(indices, self.rank(sampled, num_labels, ranking_method, min_prob=min_prob)):
+                if not all(np.isfinite(score) for _, score in labels):
+                    bad = FloatingPointError(
+                        f"image {i}: the model gave non-finite scores; its weights are damaged (reload the checkpoint)"
+                    )
+                    if errors == "raise":
+                        raise bad
+                    labels = bad
+                results[i] = labels
         return results
 
-    def sample(self, x: jax.Array, num_labels: int, *, strategy: str = "one_shot", key=None, **decoder_kw: Any) -> dict:
-        """Decodes normalised images x [B, R, R, 3]; one-shot and greedy return without waiting for the device."""
+    def vocabulary(self, vocab: Any) -> Vocabulary | None:
+        """A list of labels, the path of a file with one label per line, or a `Vocabulary` -> a
+        `Vocabulary` checked against this tagger's tokenizer, prompt and label-length cap (None stays None)."""
+        vocab = vocabulary.resolve(vocab, self.tokenizer)
+        if vocab is not None:
+            vocab.check_compatible(self.tokenizer, self.prompt, sampling.MAX_UPDATES - 1)
+        return vocab
+
+    def sample(
+        self, x: jax.Array, num_labels: int, *, strategy: str = "one_shot", key=None, vocab: Any = None, **decoder_kw: Any
+    ) -> dict:
+        """Decodes normalised images x [B, R, R, 3]; one-shot and greedy return without waiting for the device.
+
+        `vocab` (one-shot only) constrains the branches to a closed vocabulary, as in `predict`.
+        """
         tok = self.tokenizer
+        check_num_labels(num_labels)
+        vocab = self.vocabulary(vocab)
+        if vocab is not None and strategy != "one_shot":
+            raise ValueError(f"expected strategy 'one_shot' with a vocabulary (the constrained decoder), found {strategy!r}")
         if strategy == "one_shot":
-            tokens, probs = sampling.one_shot(self.model, self.params, x, self.prompt, k=num_labels, delimiter_id=tok.delimiter_id)
+            trie = None if vocab is None else sampling.Trie.from_vocabulary(vocab)
+            tokens, probs = sampling.one_shot(
+                self.model, self.params, x, self.prompt, k=int(num_labels), delimiter_id=tok.delimiter_id, trie=trie
+            )
         elif strategy == "greedy":
             key = key if key is not None else jax.random.key(0)
             tokens, probs = decoding.greedy(self.model, self.params, x, self.prompt, key, delimiter_id=tok.delimiter_id, **decoder_kw)
@@ -114,8 +183,12 @@ class Tagger:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
         return {"strategy": strategy, "x": x, "tokens": tokens, "probs": probs}
 
-    def rank(self, sampled: dict, num_labels: int | None, ranking_method: str = "prob") -> list[list[tuple[str, float]]]:
-        """The output of `sample` -> per image, at most `num_labels` (None: all) ranked (label, score) pairs."""
+    def rank(
+        self, sampled: dict, num_labels: int | None, ranking_method: str = "prob", *, min_prob: float = 0.0
+    ) -> list[list[tuple[str, float]]]:
+        """The output of `sample` -> per image, at most `num_labels` (None: all) ranked (label, score) pairs
+        scored at least `min_prob`."""
+        ranking.check_threshold(min_prob, ranking_method)
         delim = self.tokenizer.delimiter_id
         tokens, probs = sampled["tokens"], sampled["probs"]
         if sampled["strategy"] == "one_shot":
@@ -127,7 +200,7 @@ class Tagger:
         image_tokens = self.image_tokens(sampled["x"]) if sim else [None] * len(groups)
         table = self.embeddings() if sim else None
         return [
-            ranking.rank(g, self.tokenizer, ranking_method, image_tokens=img, embeddings=table)[:num_labels]
+            ranking.threshold(ranking.rank(g, self.tokenizer, ranking_method, image_tokens=img, embeddings=table), num_labels, min_prob)
             for g, img in zip(groups, image_tokens)
         ]
 
@@ -155,8 +228,15 @@ class Tagger:
         Labels are lowercased, as every label path of the original does (caption nouns, or
         `skip_extract_nouns`).
         """
+        if isinstance(labels, str):
+            raise ValueError(f"expected one list of label strings per image, found the string {labels!r}; write [[{labels!r}]]")
         if len(images) != len(labels):
             raise ValueError(f"expected one label list per image, found {len(images)} images and {len(labels)} label lists")
+        for i, sample in enumerate(labels):
+            if isinstance(sample, str):
+                raise ValueError(f"expected a list of label strings for image {i}, found the string {sample!r}; write [{sample!r}]")
+            if not all(isinstance(label, str) for label in sample):
+                raise ValueError(f"expected a list of label strings for image {i}, found {sample!r}")
         n = self.model.config.vision.num_patches
         labels = [[label.lower() for label in sample] for sample in labels]
         text = prompts.object_batch(

@@ -1,8 +1,10 @@
 """Model dimensions: everything a checkpoint needs to rebuild the network.
 
-`ModelConfig` is what `config.json` of a checkpoint directory holds. Derived sizes
-(heads of the ViT, the SwiGLU hidden size, the number of image tokens) are
-properties, never stored twice.
+`ModelConfig` is what `config.json` of a checkpoint directory holds. The sizes have no
+defaults here: the paper's values are written once, in configs/base.py
+(`experiment.model_config` builds a ModelConfig from any config's `model` fields, and
+`experiment.full_size` the paper's). Derived sizes (heads of the ViT, the SwiGLU hidden
+size, the number of image tokens) are properties, never stored twice.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from typing import Any
 class VisionConfig:
     """OpenAI CLIP ViT. Heads are width // 64, as in OpenAI's code."""
 
-    width: int = 1024
-    layers: int = 24
-    patch_size: int = 14
-    image_size: int = 224
+    width: int
+    layers: int
+    patch_size: int
+    image_size: int
 
     @property
     def heads(self) -> int:
@@ -37,13 +39,13 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """Meta LLaMA, truncated to its first `layers` blocks (written once, here)."""
+    """Meta LLaMA, truncated to its first `layers` blocks. Defaults are those of Meta's params.json."""
 
-    dim: int = 4096
-    layers: int = 6
-    n_heads: int = 32
+    dim: int
+    layers: int
+    n_heads: int
+    vocab_size: int  # sentencepiece vocabulary + the appended special tokens
     n_kv_heads: int | None = None
-    vocab_size: int = 32002  # sentencepiece vocabulary + the appended special tokens
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
@@ -59,26 +61,30 @@ class DecoderConfig:
 
     @property
     def hidden_dim(self) -> int:
-        # Meta's rounding: int(2 * 4D / 3), optional multiplier, up to a multiple_of.
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+        return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+
+def swiglu_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's rounding: int(2 * 4D / 3), optional multiplier, up to a multiple_of."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
 
 
 @dataclasses.dataclass(frozen=True)
 class SpecialTokens:
     """Ids of the tokens appended after the sentencepiece vocabulary."""
 
-    image: int = 32000
-    empty: int = 32001
+    image: int
+    empty: int
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    vision: VisionConfig = VisionConfig()
-    decoder: DecoderConfig = DecoderConfig()
-    special_tokens: SpecialTokens = SpecialTokens()
+    vision: VisionConfig
+    decoder: DecoderConfig
+    special_tokens: SpecialTokens
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,11 +104,3 @@ class ModelConfig:
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
 
-
-def full_size(layers: int = 6, image_size: int = 224) -> ModelConfig:
-    """The paper's architecture: ViT-L/14 + the first `layers` blocks of LLaMA-2 7B."""
-    return ModelConfig(
-            vision=VisionConfig(width=1024, layers=24, patch_size=14, image_size=image_size),
-            decoder=DecoderConfig(dim=4096, layers=layers, n_heads=32, vocab_size=32002),
-            special_tokens=SpecialTokens(image=32000, empty=32001),
-    )

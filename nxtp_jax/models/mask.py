@@ -1,6 +1,6 @@
 """Attention masks over the full decoder sequence [N image tokens][text] (True = may attend).
 
-`label_mask` is the training mask of SPEC §3: causal, a bidirectional image block, every column
+`label_mask` is the training mask of docs/method.md §3: causal, a bidirectional image block, every column
 after the answer position `a` closed, and each label reopened as its own lower-triangular
 block (B_1 = [a, d_1], B_j = [d_{j-1}+1, d_j]). It is built from per-position block starts
 found with cumulative maxima, so it needs no loop over delimiters and each sample keeps its

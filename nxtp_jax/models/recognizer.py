@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from nxtp_jax.models.clip import VisionTransformer
 from nxtp_jax.models.config import ModelConfig
+from nxtp_jax.models.layers import Activations
 from nxtp_jax.models.llama import Cache, Decoder
 
 
@@ -26,11 +27,17 @@ class Recognizer(nn.Module):
     param_dtype: Any = jnp.float32
     attention_impl: str | None = None
     remat: bool = False
+    activations: Activations | None = None  # mesh + rules for activation constraints; None: no constraints
+    scan_layers: bool = False  # run each tower's blocks as one lax.scan (params stay per layer)
 
     def setup(self):
         cfg = self.config
-        self.vision_encoder = VisionTransformer(cfg.vision, cfg.decoder.dim, self.dtype, self.param_dtype)
-        self.language_decoder = Decoder(cfg.decoder, self.dtype, self.param_dtype, self.attention_impl, self.remat)
+        self.vision_encoder = VisionTransformer(
+            cfg.vision, cfg.decoder.dim, self.dtype, self.param_dtype, activations=self.activations, scan=self.scan_layers
+        )
+        self.language_decoder = Decoder(
+            cfg.decoder, self.dtype, self.param_dtype, self.attention_impl, self.remat, self.activations, self.scan_layers
+        )
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """Normalised images [B, R, R, 3] -> image tokens [B, N, D] (CLS dropped)."""
@@ -71,6 +78,6 @@ def init_params(model: Recognizer, rng: jax.Array, mesh=None, rules=None) -> dic
     """Randomly initialised params, created directly in their shardings (see `sharding.init_sharded`)."""
     from nxtp_jax import sharding
 
-    mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+    mesh = mesh if mesh is not None else sharding.one_device_mesh()
     init_fn = functools.partial(init_variables, model)
     return sharding.init_sharded(init_fn, rng, mesh, rules or sharding.DEFAULT_RULES)["params"]

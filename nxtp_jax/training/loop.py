@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_dict
 
-from nxtp_jax import checkpoint, experiment, prompts
+from nxtp_jax import checkpoint, experiment, prompts, sharding
 from nxtp_jax.training import optim, inputs as train_inputs, step as train_state
 from nxtp_jax.data import pipeline, registry, tar
 from nxtp_jax.models.config import ModelConfig
@@ -115,7 +115,7 @@ def tokenizer_corpus(shards: list[str], max_texts: int) -> list[str]:
                         texts.append(", ".join(str(label) for label in meta["labels"]))
                 samples += 1
         finally:
-            os.close(fd)
+            fd.close()
     templates = list(prompts.OBJECT_TEMPLATES) + list(prompts.CAPTION_TEMPLATES)
     return templates * max(1, samples // len(templates)) + texts
 
@@ -194,28 +194,15 @@ def setup(config: config_dict.ConfigDict, workdir: pathlib.Path, shards: list[st
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
     tok = prepare_tokenizer(config, workdir, shards)
     model = build_model(config, experiment.model_config(config, tok))
-    total, warmup = experiment.total_steps(config), experiment.warmup_steps(config)
-    o = config.optim
-    schedule = optim.lr_schedule(lr=o.lr, lr_min=o.lr_min, total_steps=total, warmup=warmup, kind=o.schedule)
-
-    def make_tx(trainable):
-        decay = optim.decay_mask(trainable, tuple(o.no_decay), tuple(o.force_decay))
-        return optim.adamw(schedule, decay, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
-
+    schedule, make_tx = optim.from_config(config)
     state, frozen, tx = train_state.create(init_params(config, model, mesh, rules), tuple(config.trainable), make_tx, mesh)
     rows = experiment.embedding_row_ids(config, tok)
     row_mask = optim.embedding_row_mask(tok.vocab_size, rows)
-    opts = train_state.StepOptions(
-        num_image_tokens=model.config.vision.num_patches,
-        delimiter_id=tok.delimiter_id,
-        grad_accum_steps=config.grad_accum_steps,
-        weight_loss_obj=config.weight_loss_obj,
-        weight_loss_cap=config.weight_loss_cap,
-    )
+    opts = train_state.StepOptions.from_config(config, model.config, tok.delimiter_id)
     step = train_state.make_train_step(model, tx, schedule, opts, None if row_mask is None else jnp.asarray(row_mask))
-    batch_spec = train_state.batch_sharding(mesh, rules)
+    batch_spec = sharding.batch_sharding(mesh, rules)
     step_fn = train_state.jit_train_step(step, state, frozen, batch_spec, mesh)
-    return Setup(mesh, model, tok, state, frozen, step_fn, batch_spec, schedule, total, warmup)
+    return Setup(mesh, model, tok, state, frozen, step_fn, batch_spec, schedule, experiment.total_steps(config), experiment.warmup_steps(config))
 
 
 # -- checkpoints --

@@ -1,4 +1,4 @@
-"""The training state, its sharded creation, and the pure train step (SPEC.md §3).
+"""The training state, its sharded creation, and the pure train step (docs/method.md §3).
 
 The state holds only what changes: the step, the trainable params (fp32 master copies)
 and their optimizer state. Frozen params are a separate, never-donated argument, so
@@ -12,7 +12,6 @@ import dataclasses
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nxtp_jax import objective
 from nxtp_jax.models import mask
+from nxtp_jax import params as ptree
 from nxtp_jax.training import optim
 from nxtp_jax.data import preprocess
 from nxtp_jax.models.recognizer import Recognizer
@@ -47,10 +47,15 @@ class StepOptions:
     weight_loss_obj: float = 1.0
     weight_loss_cap: float = 0.0
 
-
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-    """Leading (batch) dimension over the mesh axes of the logical "batch" axis (data x fsdp)."""
-    return nn.logical_to_mesh_sharding(PartitionSpec("batch"), mesh, tuple(rules))
+    @classmethod
+    def from_config(cls, config: Any, model_config: Any, delimiter_id: int) -> "StepOptions":
+        return cls(
+            num_image_tokens=model_config.vision.num_patches,
+            delimiter_id=delimiter_id,
+            grad_accum_steps=config.grad_accum_steps,
+            weight_loss_obj=config.weight_loss_obj,
+            weight_loss_cap=config.weight_loss_cap,
+        )
 
 
 def state_shardings(state: TrainState) -> TrainState:
@@ -68,7 +73,7 @@ def create(
     `make_tx(trainable)` builds the optimizer (it may depend on the trainable tree, e.g.
     for the weight-decay mask). Its state is created directly in the params' shardings.
     """
-    trainable, frozen = optim.split(params, trainable_patterns)
+    trainable, frozen = ptree.split(params, trainable_patterns)
     tx = make_tx(trainable)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
     step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
@@ -93,7 +98,7 @@ def opt_state_shardings(tx: optax.GradientTransformation, trainable: Any, mesh: 
 
 def abstract_state(abstract_params: Any, trainable_patterns: tuple[str, ...], make_tx, mesh: Mesh) -> tuple[TrainState, Any]:
     """(state, frozen) as ShapeDtypeStructs with their shardings, from sharded abstract params; allocates nothing."""
-    trainable, frozen = optim.split(abstract_params, trainable_patterns)
+    trainable, frozen = ptree.split(abstract_params, trainable_patterns)
     tx = make_tx(trainable)
     opt = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -117,7 +122,7 @@ def per_device_bytes(tree: Any) -> int:
 
 def _loss(model: Recognizer, opts: StepOptions, trainable, frozen, batch: Batch, counts):
     """The micro-batch's share of the batch loss: its token-loss sums over the whole batch's counts."""
-    params = optim.merge(trainable, frozen)
+    params = ptree.merge(trainable, frozen)
     images = preprocess.normalize(batch["image"])
     n = opts.num_image_tokens
     obj_mask = mask.label_mask(batch["tokens"], batch["answer_pos"], delimiter_id=opts.delimiter_id, num_image_tokens=n)

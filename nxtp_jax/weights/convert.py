@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from nxtp_jax import checkpoint
+from nxtp_jax.choices import DTYPES
 from nxtp_jax.models.config import ModelConfig, SpecialTokens
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.tokenizer import Tokenizer
 from nxtp_jax.weights import clip, llama, nxtp, specials
 from nxtp_jax.weights.tables import SourceReport, WeightImportError, apply_table, nest
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass

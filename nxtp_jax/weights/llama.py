@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from nxtp_jax.models.config import DecoderConfig, SpecialTokens
+from nxtp_jax.models.config import DecoderConfig, SpecialTokens, swiglu_hidden_dim
 from nxtp_jax.weights.sources import (
     ConcatSource,
     EmptySource,
@@ -108,7 +108,7 @@ def find_ffn_params(dim: int, intermediate_size: int) -> tuple[int, float | None
     """A (multiple_of, ffn_dim_multiplier) for which DecoderConfig.hidden_dim equals `intermediate_size`."""
 
     def hidden(multiple_of: int, multiplier: float | None) -> int:
-        return DecoderConfig(dim=dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).hidden_dim
+        return swiglu_hidden_dim(dim, multiple_of, multiplier)
 
     multipliers = [None] + [k / 100 for k in range(1, 801)]
     for multiplier in multipliers:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nxtp_jax import checkpoint
+from nxtp_jax import checkpoint, sharding
 from nxtp_jax.evaluation import job as evaluate, metrics
 from nxtp_jax.data import preprocess
 from nxtp_jax.data.writer import write_shard
@@ -117,7 +117,7 @@ def test_bad_settings_are_explicit(setup, tmp_path):
     tagger = Tagger.load(setup["ckpt"])
     with pytest.raises(ValueError, match="beam search records no probabilities"):
         evaluate.BatchPredictor(tagger, k=2, strategy="beam", ranking_method="prob")
-    mesh = evaluate.local_mesh()
+    mesh = sharding.local_mesh()
     predictor = evaluate.BatchPredictor(tagger, k=2, mesh=mesh)
     with pytest.raises(ValueError, match=f"multiple of {mesh.size}"):
         predictor.launch(np.zeros((mesh.size + 1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
@@ -202,7 +202,7 @@ def test_two_processes_give_the_same_results_as_one(setup, tmp_path):
 @pytest.mark.parametrize("strategy,ranking", [("one_shot", "ppl"), ("one_shot", "sim"), ("greedy", "prob"), ("beam", "none")])
 def test_batch_predictor_equals_tagger_predict(setup, strategy, ranking):
     tagger = Tagger.load(setup["ckpt"])
-    mesh = evaluate.local_mesh()
+    mesh = sharding.local_mesh()
     kw = {} if strategy == "one_shot" else {"max_gen_len": 12}
     evaluated = evaluate.BatchPredictor(
         evaluate.load_tagger(setup["ckpt"], mesh, dtype=np.float32, param_dtype=np.float32, batch_size=8),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nxtp_jax import checkpoint
-from nxtp_jax.training import optim
+from nxtp_jax import params as ptree
 from nxtp_jax.experiment import load_config_module
 from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.inference.tagger import Tagger
@@ -82,7 +82,7 @@ def test_workdir_loads_with_its_frozen_weights(data_root, tmp_path):
     tagger = Tagger.load(scratch, dtype=np.float32)
     model = Recognizer(tagger.model.config)
     initial = checkpoint.scratch_params(model, 0)  # the demo's seed, on the training mesh (one device)
-    assert_trees_equal(optim.split(tagger.params, TRAINABLE)[1], optim.split(initial, TRAINABLE)[1])
+    assert_trees_equal(ptree.split(tagger.params, TRAINABLE)[1], ptree.split(initial, TRAINABLE)[1])
 
     init_dir = tmp_path / "init"
     init = init_params(model, jax.random.key(7))
@@ -95,8 +95,8 @@ def test_workdir_loads_with_its_frozen_weights(data_root, tmp_path):
     train(config, run)
 
     loaded = Tagger.load(run, dtype=np.float32).params
-    tr_loaded, fr_loaded = optim.split(loaded, TRAINABLE)
-    tr_init, fr_init = optim.split(init, TRAINABLE)
+    tr_loaded, fr_loaded = ptree.split(loaded, TRAINABLE)
+    tr_init, fr_init = ptree.split(init, TRAINABLE)
     assert_trees_equal(fr_loaded, fr_init)
     moved = jax.tree.map(lambda x, y: not np.array_equal(np.asarray(x), np.asarray(y)), tr_loaded, tr_init)
     assert all(jax.tree.leaves(moved))

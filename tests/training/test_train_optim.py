@@ -10,9 +10,9 @@ import optax
 import pytest
 import torch
 
+from nxtp_jax import experiment, params as ptree
+from nxtp_jax.experiment import full_size, load_config_module
 from nxtp_jax.training import optim
-from nxtp_jax.experiment import load_config_module
-from nxtp_jax.models.config import full_size
 from nxtp_jax.models.recognizer import Recognizer
 
 
@@ -33,11 +33,11 @@ def full_abstract():
 
 def test_paper_trainable_set(full_abstract):
     params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, full_abstract, is_leaf=lambda x: hasattr(x, "value"))
-    trainable, frozen = optim.split(params, PAPER_TRAINABLE)
-    tr = optim.paths(trainable)
-    fr = optim.paths(frozen)
+    trainable, frozen = ptree.split(params, PAPER_TRAINABLE)
+    tr = ptree.paths(trainable)
+    fr = ptree.paths(frozen)
     assert not set(tr) & set(fr)
-    assert len(tr) + len(fr) == len(optim.paths(params))
+    assert len(tr) + len(fr) == len(ptree.paths(params))
     vision_blocks = {int(p.split("/")[2].split("_")[1]) for p in tr if p.startswith("vision_encoder/transformer/")}
     assert vision_blocks == set(range(18, 24))
     frozen_blocks = {int(p.split("/")[2].split("_")[1]) for p in fr if p.startswith("vision_encoder/transformer/")}
@@ -61,15 +61,15 @@ def test_paper_trainable_set(full_abstract):
 def test_unmatched_pattern_is_an_error():
     params = {"a": {"kernel": np.zeros((2, 2))}, "b": np.zeros(2)}
     with pytest.raises(ValueError, match="matches no parameter"):
-        optim.split(params, ("a/.*", "c/.*"))
+        ptree.split(params, ("a/.*", "c/.*"))
 
 
 def test_split_merge_roundtrip():
     params = {"a": {"kernel": np.ones((2, 2)), "bias": np.zeros(2)}, "b": {"w": np.full(3, 2.0)}}
-    trainable, frozen = optim.split(params, (r"a/kernel",))
-    assert optim.paths(trainable) == ["a/kernel"]
-    assert optim.paths(frozen) == ["a/bias", "b/w"]
-    merged = optim.merge(trainable, frozen)
+    trainable, frozen = ptree.split(params, (r"a/kernel",))
+    assert ptree.paths(trainable) == ["a/kernel"]
+    assert ptree.paths(frozen) == ["a/bias", "b/w"]
+    merged = ptree.merge(trainable, frozen)
     assert jax.tree.map(lambda x, y: np.array_equal(x, y), merged, params) == jax.tree.map(lambda _: True, params)
 
 
@@ -84,7 +84,7 @@ def test_decay_groups_follow_the_original_filter():
         },
     }
     mask = optim.decay_mask(trainable, (r"language_decoder/tok_embeddings/.*",), (r"language_decoder/norm/.*",))
-    flat = dict(zip(optim.paths(mask), [mask_leaf for mask_leaf in jax.tree.leaves(mask)]))
+    flat = dict(zip(ptree.paths(mask), [mask_leaf for mask_leaf in jax.tree.leaves(mask)]))
     decayed = sorted(k for k, v in flat.items() if v)
     assert decayed == [
         "language_decoder/layers_0/attention/wq/kernel",
@@ -126,8 +126,11 @@ def test_warmup_cosine_schedule():
 
 
 def test_warmup_length_is_ratio_percent_or_minimum():
-    assert optim.warmup_steps(21360, 0.2, 2000) == 2000
-    assert optim.warmup_steps(10_000_000, 0.2, 2000) == 20000
+    config = load_config_module(pathlib.Path(__file__).parents[2] / "configs" / "base.py", "base.py").get_config()
+    config.total_steps = 21360
+    assert experiment.warmup_steps(config) == 2000
+    config.total_steps = 10_000_000
+    assert experiment.warmup_steps(config) == 20000
 
 
 def test_adamw_with_row_mask_matches_torch():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nxtp_jax import sharding
+from nxtp_jax import params as ptree, sharding
 from nxtp_jax.models import mask
 from nxtp_jax.training import optim, inputs as train_inputs, step as train_state
 from nxtp_jax.data import preprocess
@@ -48,13 +48,13 @@ def build(tok, mesh, *, trainable=(".*",), rows=None, accum=1, w_cap=0.0, lr=1e-
     )
     row_mask = None if rows is None else jnp.asarray(optim.embedding_row_mask(tok.vocab_size, rows))
     fn = train_state.make_train_step(model, tx, schedule, opts, row_mask)
-    spec = train_state.batch_sharding(mesh, sharding.DEFAULT_RULES)
+    spec = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
     step = train_state.jit_train_step(fn, state, frozen, spec, mesh)
     return model, params, state, frozen, step, spec, schedule
 
 
 def one_device():
-    return sharding.make_mesh(devices=jax.devices()[:1])
+    return sharding.one_device_mesh()
 
 
 def reference_loss(model, params, batch, tok, *, tokens="tokens", targets="targets", caption=False):
@@ -81,8 +81,8 @@ def test_step_loss_is_the_token_mean_and_frozen_params_stay_out(tok):
     batch = host_batch(tok)
     expected = reference_loss(model, params, batch, tok)
     assert "vision_encoder" in frozen and "proj" not in frozen["vision_encoder"]
-    assert optim.paths(state.params) == sorted(
-        ["vision_encoder/proj/kernel"] + [p for p in optim.paths(params) if p.startswith("language_decoder/")]
+    assert ptree.paths(state.params) == sorted(
+        ["vision_encoder/proj/kernel"] + [p for p in ptree.paths(params) if p.startswith("language_decoder/")]
     )
     before = jax.tree.map(np.asarray, state.params)
     new_state, metrics = step(state, frozen, train_inputs.global_batch(batch, spec))

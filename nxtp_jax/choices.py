@@ -1,0 +1,22 @@
+"""The closed sets of names that configs, command lines and the API accept: each written once, here.
+
+JAX-free, so the ONNX runner can import it.
+"""
+
+# Decoders (docs/method.md §4, §5).
+STRATEGIES = ("one_shot", "greedy", "beam")
+# Label rankings of Appendix A; "clip" re-ranks with OpenAI's CLIP and exists only in evaluation.
+RANKINGS = ("prob", "ppl", "sim", "none")
+EVAL_RANKINGS = RANKINGS + ("clip",)
+# Embedders of the semantic F-score (docs/method.md §6).
+EMBEDDERS = ("minilm", "exact", "clip")
+# Where training and evaluation targets come from: json labels else caption nouns, caption nouns, none.
+LABEL_SOURCES = ("auto", "caption", "none")
+# Parameter and compute dtypes, by name (`jax.numpy.dtype(name)` gives the type).
+DTYPES = ("float32", "bfloat16", "float16")
+# Learning-rate schedules: the original's exact off-by-one, and the clean warmup + cosine.
+SCHEDULES = ("original", "warmup_cosine")
+# Experiment modes, model initialisations and synthetic datasets of configs/base.py.
+MODES = ("train", "eval", "train_and_eval")
+INITS = ("checkpoint", "scratch")
+SYNTHETIC = ("", "shapes")
