@@ -1,4 +1,4 @@
-"""Every field of an nxtp_jax experiment, with its default (the paper's G3M recipe, SPEC.md §3).
+"""Every field of an nxtp_jax experiment, with its default (the paper's G3M recipe, docs/method.md §3).
 
 Experiment files (g3m.py, g70m.py, demo.py) start from `get_config()` here and change
 fields; any field can also be set on the command line, e.g. `--config.optim.lr=2e-5`.
@@ -98,7 +98,7 @@ def get_config() -> config_dict.ConfigDict:
     c.optim.eps = 1e-6  # AdamW epsilon
     c.optim.weight_decay = 0.1  # decoupled decay on the params `optim.no_decay`/`force_decay` select
     c.optim.no_decay = (r"language_decoder/tok_embeddings/.*",)  # >= 2-D params without decay
-    # 1-D params with decay anyway. SPEC §3: none. The original's filter also decayed the final
+    # 1-D params with decay anyway. docs/method.md §3: none. The original's filter also decayed the final
     # RMSNorm (`(r"language_decoder/norm/.*",)` reproduces it).
     c.optim.force_decay = ()
     c.optim.warmup_ratio = 0.2  # warmup = max(warmup_ratio % of total_steps, warmup_steps)

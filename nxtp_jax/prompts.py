@@ -1,6 +1,6 @@
 """Prompt templates and the text side of a batch: token ids, next-token targets, answer position.
 
-Text layout after the swap of the first two ids (SPEC §2):
+Text layout after the swap of the first two ids (docs/method.md §2):
     [<|image|>] [BOS] [template ... are] [label_1 , label_2 , ... label_k] [EOS]
 The N image embeddings go in front of it; they are not part of these arrays.
 """

@@ -1,4 +1,4 @@
-"""Pre-compute labels (the nouns of each caption, SPEC §5) into new shards, so training needs no NLTK.
+"""Pre-compute labels (the nouns of each caption, docs/method.md §6) into new shards, so training needs no NLTK.
 
     python scripts/extract_labels.py --input SHARDS_DIR --out NEW_DIR --workers 8
 

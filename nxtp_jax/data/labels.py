@@ -1,4 +1,4 @@
-"""Ground-truth labels from a caption: the paper's caption-to-nouns procedure (SPEC.md §5)."""
+"""Ground-truth labels from a caption: the paper's caption-to-nouns procedure (docs/method.md §6)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _lemmatizer():
 def caption_to_nouns(caption: str) -> list[str]:
     """The nouns of a caption as training/evaluation labels, in caption order.
 
-    Steps 5-9 of SPEC §5: NLTK word_tokenize + pos_tag, keep NN/NNS without digits,
+    Steps 5-9 of docs/method.md §6: NLTK word_tokenize + pos_tag, keep NN/NNS without digits,
     deduplicate, lemmatise as nouns with WordNet, keep words longer than 2 characters.
     As in the original, deduplication happens before lemmatisation, so "dog dogs" gives
     ["dog", "dog"]. The original also shuffled here; the order is left to the consumer.

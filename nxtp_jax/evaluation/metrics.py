@@ -1,4 +1,4 @@
-"""Semantic F-score (SPEC §5): label-set recall, precision and F1 under embedding similarity.
+"""Semantic F-score (docs/method.md §6): label-set recall, precision and F1 under embedding similarity.
 
 Per image, with S the [targets x predictions] similarity matrix:
     R = mean over targets of the row max,  P = mean over predictions of the column max,

@@ -1,4 +1,4 @@
-"""One-shot sampling (SPEC §4): the top-k next tokens after the prompt each start a branch.
+"""One-shot sampling (docs/method.md §4): the top-k next tokens after the prompt each start a branch.
 
 The prefix (image tokens + prompt) runs once per image and fills a KV cache that all k
 branches of the image share. Each later step feeds one token per branch. Branch j's

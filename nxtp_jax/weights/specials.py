@@ -1,4 +1,4 @@
-"""Rows for the special tokens appended after the sentencepiece vocabulary (SPEC §1).
+"""Rows for the special tokens appended after the sentencepiece vocabulary (docs/method.md §1).
 
 When the decoder starts from LLaMA weights, `tok_embeddings` and `output` grow from V to
 V + 2 rows (`<|image|>` = V, `<|empty|>` = V + 1):

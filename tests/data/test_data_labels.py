@@ -129,7 +129,7 @@ def test_json_labels_win_and_need_no_nltk(monkeypatch):
     assert isinstance(decode_sample(bad, 4), Skip) and decode_sample(bad, 4).kind == "bad_json"
 
 
-def test_caption_labels_when_json_has_none(stub_nltk):
+def test_caption_labels_when_json_has_none_with_nltk_stubbed(stub_nltk):
     raw = RawSample("k", "s.tar", {"jpg": jpeg(), "txt": b"A Dog and two Cats", "json": b'{"url": "x"}'})
     assert decode_sample(raw, 4)["labels"] == "dog,cat"
     with_labels = RawSample("k", "s.tar", {"jpg": jpeg(), "txt": b"a dog", "json": b'{"labels": ["ox"]}'})

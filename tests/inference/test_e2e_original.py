@@ -209,8 +209,8 @@ def test_loss_matches_the_original_when_the_text_is_truncated(main_pair, sources
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
 
 
-def spec_labels(tokenizer: ref.Tokenizer, tokens: list[int], probs: list[float]) -> list[tuple[str, float]]:
-    """SPEC §4 from finalize's flattened output: a capped branch (19 sampled tokens + the forced
+def method_labels(tokenizer: ref.Tokenizer, tokens: list[int], probs: list[float]) -> list[tuple[str, float]]:
+    """docs/method.md §4 from finalize's flattened output: a capped branch (19 sampled tokens + the forced
     delimiter) has 19 probs and its forced delimiter counts as factor 1."""
     delimiter = ref.delimiter_id(tokenizer)
     scores: dict[str, float] = {}
@@ -226,13 +226,13 @@ def spec_labels(tokenizer: ref.Tokenizer, tokens: list[int], probs: list[float])
     return [(label.replace(",", ""), score) for label, score in ranked]
 
 
-def test_capped_branches_follow_spec_where_the_original_misaligns_probs(sources):
+def test_capped_branches_follow_the_method_where_the_original_misaligns_probs(sources):
     """A branch still open after update 19 gets a forced "," with no probability.
 
     The original's finalize then returns one prob fewer than tokens for that branch, and
     infer.py zips the flattened lists: every later token is paired with the next token's
     prob, and the last delimiter(s) of the image fall off the zip, so its last label(s)
-    vanish. We follow SPEC §4 (forced "," = factor 1): this test pins our output to SPEC and
+    vanish. We follow docs/method.md §4 (forced "," = factor 1): this test pins our output to it and
     records that the original's output differs.
     """
     model, tokenizer, _, tagger = build_pair(sources, "capped", CAPPED_BOOST)
@@ -244,13 +244,13 @@ def test_capped_branches_follow_spec_where_the_original_misaligns_probs(sources)
         tokens, probs = ref.one_shot_sample(model, tokenizer, path, k)
         capped = [len(b) == ref.MAX_UPDATE_ITER for b in split_branches(tokens, delimiter)]
         assert len(tokens) - len(probs) == sum(capped)
-        expected = spec_labels(tokenizer, tokens, probs)
-        assert_same_labels(predicted, expected, f"{path.name}: ours vs SPEC")
+        expected = method_labels(tokenizer, tokens, probs)
+        assert_same_labels(predicted, expected, f"{path.name}: ours vs the method")
         original = ref.group_labels(tokenizer, delimiter, tokens, probs)
         n_capped += sum(capped)
         n_ended += len(capped) - sum(capped)
         if any(capped):
             n_differ += original != expected
         else:
-            assert_same_labels(original, expected, f"{path.name}: no cap, the original is SPEC")
+            assert_same_labels(original, expected, f"{path.name}: no cap, the original follows the method")
     assert n_capped >= 1 and n_ended >= 1 and n_differ >= 1, (n_capped, n_ended, n_differ)

@@ -1,4 +1,4 @@
-"""Attention masks: SPEC §3 written out by hand, and a slow per-delimiter reference."""
+"""Attention masks: docs/method.md §3 written out by hand, and a slow per-delimiter reference."""
 
 import functools
 
