@@ -1,4 +1,9 @@
-"""Caption-to-nouns (SPEC §5) on hand-checked examples, NLTK's tagger stubbed (no NLTK data here)."""
+"""Caption-to-nouns (docs/method.md §6) on hand-checked examples, with NLTK stubbed.
+
+No NLTK data can be downloaded here, so `word_tokenize`, `pos_tag` and the WordNet lemmatiser
+are stubbed: these tests check our cleaning, filtering, dedup and order around NLTK, not NLTK's
+own tagging.
+"""
 
 import io
 import json
@@ -70,7 +75,8 @@ def test_clean_caption(caption, expected):
         ("geese and an ox", ["goose"]),  # "ox" is too short
     ],
 )
-def test_caption_to_nouns_hand_checked(stub_nltk, caption, nouns):
+def test_caption_to_nouns_hand_checked_with_nltk_stubbed(stub_nltk, caption, nouns):
+    """Stubbed NLTK (tokenizer, tagger, lemmatiser): the tags are what a real tagger gives."""
     assert labels.caption_to_nouns(caption) == nouns
     assert stub_nltk == [labels.clean_caption(caption).split()]
 
