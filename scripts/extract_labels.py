@@ -60,7 +60,7 @@ def labelled_samples(shard: str, counts: collections.Counter) -> Iterator[tuple[
             counts["labelled"] += 1
             yield group.key, members
     finally:
-        os.close(fd)
+        fd.close()
 
 
 def process_shard(job: tuple[str, str]) -> collections.Counter:

@@ -53,7 +53,7 @@ def check_shard(shard: str) -> tuple[int, list[Skip]]:
             else:
                 valid += 1
     finally:
-        os.close(fd)
+        fd.close()
     return valid, problems
 
 

@@ -16,7 +16,6 @@ restoring re-reads that one window and continues with exactly the same samples.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import grain
@@ -42,9 +41,9 @@ class _OpenUnit:
         self.done = False
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.fd is not None:
+            self.fd.close()
+            self.fd = None
 
     def state(self) -> list[int]:
         return [self.position, self.offset, self.index]

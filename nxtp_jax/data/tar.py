@@ -1,16 +1,19 @@
 """Reading WebDataset tar shards by offset: member headers, grouping members into samples.
 
-Every read is an `os.pread` on a descriptor the caller owns, so several threads or
-processes can read one shard without sharing a file position. Nothing is indexed ahead of
-time: a caller walks a shard sample by sample from a byte offset, and that offset (plus a
-sample counter) is all the state needed to resume.
+Every read is a ranged read (`ShardFile.pread`: seek + read through a read-ahead buffer)
+on a shard file the caller opened, on local disk or any `etils.epath` backend (`gs://`, ...).
+A ShardFile belongs to one thread: threads and processes open their own. Nothing is indexed
+ahead of time: a caller walks a shard sample by sample from a byte offset, and that offset
+(plus a sample counter) is all the state needed to resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 from typing import Iterator
+
+from etils import epath
 
 BLOCK = 512
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -61,15 +64,43 @@ class SampleGroup:
     next_offset: int
 
 
-def open_shard(path: str) -> tuple[int, int]:
-    """Open a shard read-only; returns (fd, size). Raises ShardOpenError naming the shard."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise ShardOpenError(
-            e.errno, f"cannot open shard {path!r}: {e.strerror}; check the path and permissions"
-        ) from e
-    return fd, os.fstat(fd).st_size
+class ShardFile:
+    """A shard opened for ranged reads. Sequential small reads (tar headers, the members of
+    one sample) are served from one read-ahead buffer, so a remote shard costs one request
+    per `buffer_size` bytes rather than one per header."""
+
+    def __init__(self, path: str, buffer_size: int = 1 << 20):
+        self.path = path
+        self.buffer_size = buffer_size
+        try:
+            self._file = epath.Path(path).open("rb")
+            self.size = self._file.seek(0, io.SEEK_END)
+        except OSError as e:
+            raise ShardOpenError(
+                e.errno, f"cannot open shard {path!r}: {e.strerror or e}; check the path and permissions"
+            ) from e
+        self._buffer, self._buffer_offset = b"", 0
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """Up to `n` bytes at `offset` (fewer only at the end of the file), like `os.pread`."""
+        start = offset - self._buffer_offset
+        if 0 <= start and start + n <= len(self._buffer):
+            return self._buffer[start : start + n]
+        self._file.seek(offset)
+        if n >= self.buffer_size:
+            return self._file.read(n)
+        self._buffer, self._buffer_offset = self._file.read(self.buffer_size), offset
+        return self._buffer[:n]
+
+    def close(self) -> None:
+        self._file.close()
+        self._buffer = b""
+
+
+def open_shard(path: str) -> tuple[ShardFile, int]:
+    """Open a shard read-only; returns (file, size). Raises ShardOpenError naming the shard."""
+    f = ShardFile(path)
+    return f, f.size
 
 
 def _round_up(n: int) -> int:
@@ -109,7 +140,7 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return records
 
 
-def read_member(fd: int, offset: int, file_size: int) -> TarMember | None:
+def read_member(fd: ShardFile, offset: int, file_size: int) -> TarMember | None:
     """The next regular file at or after `offset`, or None at the end of the archive.
 
     Directories, links and global headers are stepped over; GNU long names and pax
@@ -119,7 +150,7 @@ def read_member(fd: int, offset: int, file_size: int) -> TarMember | None:
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
-        block = os.pread(fd, BLOCK, offset)
+        block = fd.pread(BLOCK, offset)
         if len(block) == 0:
             return None  # archive without end-of-archive blocks: tolerated, as GNU tar does
         if len(block) < BLOCK:
@@ -151,7 +182,7 @@ def read_member(fd: int, offset: int, file_size: int) -> TarMember | None:
                 member=member_name,
             )
         if typeflag in _LONGNAME_TYPES or typeflag in _PAX_TYPES:
-            payload = os.pread(fd, size, data_offset)
+            payload = fd.pread(size, data_offset)
             if typeflag in _LONGNAME_TYPES:
                 long_name = payload.split(b"\0", 1)[0].decode("utf-8", "replace")
             else:
@@ -191,7 +222,7 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def read_group(fd: int, offset: int, file_size: int, index: int, all_members: bool = False) -> SampleGroup | None:
+def read_group(fd: ShardFile, offset: int, file_size: int, index: int, all_members: bool = False) -> SampleGroup | None:
     """The sample whose first member header is at `offset`; None at the end of the archive.
 
     `members` holds the image, txt and json members, or every member with `all_members`.
@@ -229,8 +260,8 @@ def read_group(fd: int, offset: int, file_size: int, index: int, all_members: bo
     return SampleGroup(key, index, members, offset)
 
 
-def read_bytes(fd: int, member: TarMember) -> bytes:
-    data = os.pread(fd, member.size, member.data_offset)
+def read_bytes(fd: ShardFile, member: TarMember) -> bytes:
+    data = fd.pread(member.size, member.data_offset)
     if len(data) != member.size:
         raise TarFormatError(
             "truncated_tar", member.header_offset, f"member {member.name!r} is cut short", member=member.name
@@ -238,7 +269,7 @@ def read_bytes(fd: int, member: TarMember) -> bytes:
     return data
 
 
-def iter_groups(fd: int, file_size: int, all_members: bool = False) -> Iterator[SampleGroup | TarFormatError]:
+def iter_groups(fd: ShardFile, file_size: int, all_members: bool = False) -> Iterator[SampleGroup | TarFormatError]:
     """Every sample of a shard in order; a broken stream ends with its TarFormatError."""
     offset, index = 0, 0
     while True:

@@ -36,7 +36,7 @@ def training_labels(shards: Iterable[str], max_samples: int) -> Iterable[list[st
                     seen += 1
                     yield [str(label) for label in meta["labels"]]
         finally:
-            os.close(fd)
+            fd.close()
 
 
 def most_common(label_lists: Iterable[list[str]], k: int) -> list[str]:

@@ -111,7 +111,7 @@ def test_folder_packer_tsv_and_jsonl(tmp_path):
     assert [g.key for g in groups] == ["000000", "000001"]
     a = {ext: read_bytes(fd, m) for ext, m in groups[0].members.items()}
     b = {ext: read_bytes(fd, m) for ext, m in groups[1].members.items()}
-    os.close(fd)
+    fd.close()
     assert a["jpg"] == (images / "a.jpg").read_bytes()
     assert json.loads(a["json"]) == {"path": "a.jpg", "cap": "a red thing", "labels": ["thing", "red"]}
     assert (np.asarray(Image.open(io.BytesIO(b["png"]))) == 9).all()

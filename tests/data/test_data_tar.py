@@ -1,7 +1,6 @@
 """Tar reading by offset: member headers in every tar flavour, grouping members into samples."""
 
 import io
-import os
 import tarfile
 
 import pytest
@@ -27,7 +26,7 @@ def groups(path):
     try:
         return list(T.iter_groups(fd, size))
     finally:
-        os.close(fd)
+        fd.close()
 
 
 def contents(path, group):
@@ -35,7 +34,7 @@ def contents(path, group):
     try:
         return {ext: T.read_bytes(fd, m) for ext, m in group.members.items()}
     finally:
-        os.close(fd)
+        fd.close()
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
@@ -146,4 +145,4 @@ def test_resume_from_offset(tmp_path):
         second = T.read_group(fd, first.next_offset, size, 1)
         assert (first.key, second.key, second.index) == ("k0", "k1", 1)
     finally:
-        os.close(fd)
+        fd.close()
