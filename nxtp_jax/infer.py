@@ -1,6 +1,10 @@
 """Tag images from the command line.
 
     python -m nxtp_jax.infer --ckpt=DIR --num_labels=20 [--json] IMAGE [IMAGE ...]
+
+Every readable image is tagged; each one that is not gets an `error: ...` line on stderr
+(with --json, an entry {"image": path, "error": "..."}), and the exit status is then 1.
+Other errors (a bad checkpoint, bad flags) print one `error: ...` line; --verbose adds tracebacks.
 """
 
 from __future__ import annotations
@@ -8,18 +12,21 @@ from __future__ import annotations
 import pathlib
 import sys
 import time
+import traceback
 from typing import Sequence
 
 import numpy as np
 from absl import app, flags, logging
 
-from nxtp_jax.inference.formatting import format_json, format_text
+from nxtp_jax import errors
+from nxtp_jax.inference.formatting import format_json, format_text, image_error
 
 CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory (from convert/from_torch.py or training).", required=True)
-NUM_LABELS = flags.DEFINE_integer("num_labels", 10, "k of the one-shot sampling: labels per image.")
+NUM_LABELS = flags.DEFINE_integer("num_labels", 10, "k of the one-shot sampling: labels per image.", lower_bound=1)
 JSON = flags.DEFINE_bool("json", False, "Print JSON instead of the original's text lines.")
 RANKING = flags.DEFINE_enum("ranking", "prob", ["prob", "ppl", "sim", "none"], "How labels are ranked.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
+VERBOSE = errors.verbose_flag()
 ATTENTION_DIR = flags.DEFINE_string(
     "save_attention_maps", None, "Directory for per-layer/per-head image-token attention grids (PNG)."
 )
@@ -56,30 +63,46 @@ def save_attention_maps(tagger, image, out_dir: pathlib.Path) -> int:
 
 
 def main(argv: Sequence[str]) -> None:
+    try:
+        failed = tag(list(argv[1:]))
+    except errors.USER_ERRORS as e:
+        sys.exit(errors.report(e, VERBOSE.value))
+    if failed:
+        sys.exit(1)
+
+
+def tag(paths: list[str]) -> int:
+    """Tags every readable image; prints one error line (or JSON entry) per other one; returns how many failed."""
     from nxtp_jax.inference.tagger import Tagger
 
-    paths = list(argv[1:])
     if not paths:
         raise app.UsageError("give at least one image path")
-    missing = [p for p in paths if not pathlib.Path(p).is_file()]
-    if missing:
-        sys.exit(f"image file(s) not found: {', '.join(missing)}")
-
     tagger = Tagger.load(CKPT.value, batch_size=BATCH_SIZE.value)
     start = time.perf_counter()
-    results = tagger.predict(paths, num_labels=NUM_LABELS.value, ranking_method=RANKING.value)
+    exists = [pathlib.Path(p).is_file() for p in paths]
+    found = [p for p, e in zip(paths, exists) if e]
+    tagged = iter(tagger.predict(found, num_labels=NUM_LABELS.value, ranking_method=RANKING.value, errors="return"))
+    results = [next(tagged) if e else FileNotFoundError(f"{p}: image file not found") for p, e in zip(paths, exists)]
     logging.info("inference time: %.3fs for %d image(s)", time.perf_counter() - start, len(paths))
+    failed = [(p, r) for p, r in zip(paths, results) if isinstance(r, Exception)]
+    for path, error in failed:
+        if VERBOSE.value:
+            traceback.print_exception(error, file=sys.stderr)
+        print(f"error: {image_error(path, error)}", file=sys.stderr, flush=True)
 
     if JSON.value:
         print(format_json(paths, results))
     else:
-        print("\n\n".join(format_text(p, r, NUM_LABELS.value) for p, r in zip(paths, results)))
+        print("\n\n".join(format_text(p, r, NUM_LABELS.value) for p, r in zip(paths, results) if not isinstance(r, Exception)))
 
     if ATTENTION_DIR.value:
-        for path in paths:
+        for path, result in zip(paths, results):
+            if isinstance(result, Exception):
+                continue
             out = pathlib.Path(ATTENTION_DIR.value) / pathlib.Path(path).stem
             count = save_attention_maps(tagger, path, out)
             logging.info("wrote %d attention maps to %s", count, out)
+    return len(failed)
 
 
 if __name__ == "__main__":

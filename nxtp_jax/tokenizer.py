@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 import re
 from typing import Iterable, Sequence
 
 import sentencepiece
+from etils import epath
 
 IMAGE_TOKEN = "<|image|>"
 EMPTY_TOKEN = "<|empty|>"
@@ -32,14 +32,14 @@ class Tokenizer:
     pad_id: int = -1
 
     def __init__(self, model_path: str | os.PathLike):
-        self.model_path = pathlib.Path(model_path)
+        self.model_path = epath.Path(model_path)  # local, or any epath backend (gs://...)
         if not self.model_path.is_file():
             raise FileNotFoundError(
                 f"expected a sentencepiece model file at {self.model_path}, found nothing there; "
                 "pass the path of LLaMA's tokenizer.model (or one made with train_sentencepiece)"
             )
         try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.model_path))
+            self.sp = sentencepiece.SentencePieceProcessor(model_proto=self.model_path.read_bytes())
         except (RuntimeError, OSError) as e:
             raise ValueError(
                 f"expected a sentencepiece model at {self.model_path}, found a file sentencepiece cannot read "
@@ -98,7 +98,7 @@ class Tokenizer:
 
 def train_sentencepiece(
     texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int
-) -> pathlib.Path:
+) -> epath.Path:
     """Train a small LLaMA-like BPE model (unk=0, bos=1, eos=2, no pad, byte fallback) on `texts`.
 
     "," is a user-defined piece so that it is always a token of its own, as the delimiter must
@@ -109,7 +109,7 @@ def train_sentencepiece(
         raise ValueError(
             "expected at least one non-empty text to train the tokenizer on, found none"
         )
-    out_path = pathlib.Path(out_path)
+    out_path = epath.Path(out_path)
     buf = io.BytesIO()
     try:
         sentencepiece.SentencePieceTrainer.train(

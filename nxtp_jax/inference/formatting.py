@@ -18,11 +18,19 @@ def format_text(path: str, labels: Labels, k: int) -> str:
     return "\n".join(lines)
 
 
-def format_json(paths: Sequence[str], results: Sequence[Labels]) -> str:
-    """`[{"image": path, "labels": [{"label": ..., "prob": ...}]}]`."""
+def image_error(path: str, error: BaseException) -> str:
+    """One line saying why `path` could not be tagged (the message names the path once)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return message if path in message else f"{path}: {message}"
+
+
+def format_json(paths: Sequence[str], results: Sequence[Labels | BaseException]) -> str:
+    """`[{"image": path, "labels": [{"label": ..., "prob": ...}]}]`; an image that failed is `{"image": path, "error": ...}`."""
     return json.dumps(
         [
-            {"image": path, "labels": [{"label": label, "prob": float(prob)} for label, prob in labels]}
+            {"image": path, "error": image_error(path, labels)}
+            if isinstance(labels, BaseException)
+            else {"image": path, "labels": [{"label": label, "prob": float(prob)} for label, prob in labels]}
             for path, labels in zip(paths, results)
         ],
         indent=2,

@@ -29,9 +29,24 @@ def _torch():
     return torch
 
 
-def _to_numpy(tensor: Any) -> np.ndarray:
+def _to_numpy(tensor: Any, key: str, where: str) -> np.ndarray:
+    """A float tensor as float32 numpy; integer, complex or non-finite weights are refused, naming the tensor."""
+    from nxtp_jax.weights.tables import WeightImportError
+
     torch = _torch()
-    return tensor.detach().to(torch.float32).numpy()
+    if not tensor.is_floating_point():
+        raise WeightImportError(
+            f"{where}: {key} is {str(tensor.dtype).removeprefix('torch.')}; expected floating-point weights. "
+            "The file is not a weights file of this model, or it is damaged"
+        )
+    array = tensor.detach().to(torch.float32).numpy()
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise WeightImportError(
+            f"{where}: {key} holds {array.size - int(finite.sum())} non-finite values (NaN or inf) of {array.size}; "
+            "refusing to convert damaged weights. Download the file again"
+        )
+    return array
 
 
 def require_file(path: str | os.PathLike, what: str) -> pathlib.Path:
@@ -96,7 +111,10 @@ class TensorSource(abc.ABC):
 
     @abc.abstractmethod
     def read(self, key: str) -> np.ndarray:
-        """The tensor as a float32 numpy array (source dtypes fp16 / bf16 are widened exactly)."""
+        """The tensor as a float32 numpy array (source dtypes fp16 / bf16 are widened exactly).
+
+        Integer, complex and non-finite tensors raise WeightImportError naming the key.
+        """
 
 
 class EmptySource(TensorSource):
@@ -140,7 +158,7 @@ class TorchSource(TensorSource):
         return tuple(self.tensors[key].shape)
 
     def read(self, key: str) -> np.ndarray:
-        return _to_numpy(self.tensors[key])
+        return _to_numpy(self.tensors[key], key, self.where)
 
 
 class SafetensorsSource(TensorSource):
@@ -170,7 +188,7 @@ class SafetensorsSource(TensorSource):
         from safetensors import safe_open
 
         with safe_open(self._file_of[key], framework="pt") as st:
-            return _to_numpy(st.get_tensor(key))
+            return _to_numpy(st.get_tensor(key), key, self._file_of[key])
 
 
 class ConcatSource(TensorSource):
@@ -202,5 +220,5 @@ class ConcatSource(TensorSource):
     def read(self, key: str) -> np.ndarray:
         dim = self.concat_dim(key)
         if dim is None:
-            return _to_numpy(self.shards[0][key])
-        return np.concatenate([_to_numpy(s[key]) for s in self.shards], axis=dim)
+            return _to_numpy(self.shards[0][key], key, self.files[0])
+        return np.concatenate([_to_numpy(s[key], key, f) for s, f in zip(self.shards, self.files)], axis=dim)
