@@ -18,12 +18,10 @@ import os
 from typing import Any, Callable, Mapping
 
 import grain
-import numpy as np
 from ml_collections import config_dict
 
 from nxtp_jax.data import pipeline, registry
 from nxtp_jax.data.samples import Skip
-from nxtp_jax.data.skips import skip_fields
 
 TFDS_CLASSES = ("in1k",)
 
@@ -48,17 +46,7 @@ class _Slots:
 
 def _eval_element(to_element: Callable[[Any], dict[str, Any] | Skip], image_size: int, record: Any) -> dict[str, Any]:
     element = None if isinstance(record, str) else to_element(record)
-    if isinstance(element, dict):
-        return {**element, "valid": np.bool_(True), "epoch": np.int32(0), **skip_fields({})}
-    return {
-        "image": np.zeros((image_size, image_size, 3), np.uint8),
-        "key": "" if element is None else element.where,
-        "caption": "",
-        "labels": "",
-        "valid": np.bool_(False),
-        "epoch": np.int32(0),
-        **skip_fields({} if element is None else {element.kind: 1}),
-    }
+    return pipeline.eval_element(element, image_size, element.where if isinstance(element, Skip) else "")
 
 
 def build_random_access_eval_loader(
@@ -85,9 +73,7 @@ def build_random_access_eval_loader(
     n = len(source)
     if n == 0:
         raise ValueError(f"expected a non-empty eval source, found {source!r} with no records")
-    mine = list(range(process_index, n, process_count))
-    padded = -(-(-(-n // process_count)) // batch_size) * batch_size
-    ds = grain.MapDataset.source(_Slots(source, mine + [-1] * (padded - len(mine))))
+    ds = grain.MapDataset.source(_Slots(source, pipeline.process_slots(n, process_index, process_count, batch_size)))
     ds = ds.map(functools.partial(_eval_element, to_element, image_size))
     return pipeline.EvalLoader(ds.batch(batch_size), n, worker_count)
 

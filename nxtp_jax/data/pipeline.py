@@ -151,54 +151,6 @@ def build_train_iterator(
     )
 
 
-def build_random_access_train_iterator(
-    source: Any,
-    to_element: Callable[[Any], dict[str, Any] | Skip],
-    *,
-    batch_size: int,
-    seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    worker_count: int = 0,
-    worker_buffer_size: int = 2,
-    sample_transform: SampleTransform | None = None,
-    drop_remainder: bool = True,
-    max_consecutive_skips: int = 10_000,
-) -> grain.DatasetIterator:
-    """Endless shuffled batches from a random-access source (`__len__`/`__getitem__`, e.g. TFDS).
-
-    `to_element(record)` returns an element dict with "image", "key", "caption" and
-    "labels" (as decode_sample does) or a `samples.Skip`. The shuffle is global and
-    redrawn every epoch; the process takes every `process_count`-th record.
-    """
-    process_index, process_count = _process(process_index, process_count)
-    if len(source) < process_count:
-        raise ValueError(f"expected at least {process_count} records (one per process), found {len(source)}")
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    epoch_length = len(ds)
-    ds = ds.shuffle(seed).repeat(None)
-    ds = ds.map_with_index(functools.partial(_element_with_epoch, to_element, epoch_length))
-    return _finish_train(
-        ds.to_iter_dataset(),
-        batch_size=batch_size,
-        drop_remainder=drop_remainder,
-        worker_count=worker_count,
-        worker_buffer_size=worker_buffer_size,
-        sample_transform=sample_transform,
-        max_consecutive_skips=max_consecutive_skips,
-    )
-
-
-def _element_with_epoch(
-    to_element: Callable[[Any], dict[str, Any] | Skip], epoch_length: int, index: int, record: Any
-) -> dict[str, Any] | Skip:
-    element = to_element(record)
-    if isinstance(element, dict):
-        element["valid"] = np.bool_(True)
-        element["epoch"] = np.int32(index // epoch_length)
-    return element
-
-
 # -- evaluation --
 
 PADDING = "padding"
@@ -249,20 +201,38 @@ class _EvalSource:
         return f"_EvalSource({len(self.shards)} shards, {len(self.samples)} samples, {len(self.entries)} slots)"
 
 
-def _decode_eval(raw: RawSample | str, image_size: int, label_source: str) -> dict[str, Any]:
-    element = None if isinstance(raw, str) else decode_sample(raw, image_size, label_source)
+def eval_element(element: dict[str, Any] | Skip | None, image_size: int, key: str = "") -> dict[str, Any]:
+    """A decoded eval sample as a `valid` element; padding (None) or an unreadable sample (a Skip,
+    counted) as the `valid=False` stand-in of the same structure."""
     if isinstance(element, dict):
         return {**element, "valid": np.bool_(True), "epoch": np.int32(0), **skip_fields({})}
-    counts = {} if element is None else {element.kind: 1}
     return {
         "image": np.zeros((image_size, image_size, 3), np.uint8),
-        "key": "" if isinstance(raw, str) else raw.key,
+        "key": key,
         "caption": "",
         "labels": "",
         "valid": np.bool_(False),
         "epoch": np.int32(0),
-        **skip_fields(counts),
+        **skip_fields({} if element is None else {element.kind: 1}),
     }
+
+
+def batches_per_process(num_samples: int, process_count: int, batch_size: int) -> int:
+    """Eval batches every process runs: its round-robin share of the samples, rounded up to whole batches."""
+    return -(-(-(-num_samples // process_count)) // batch_size)
+
+
+def process_slots(num_samples: int, process_index: int, process_count: int, batch_size: int) -> list[int]:
+    """This process's sample indices (i % process_count == process_index), then -1 padding up to
+    `batches_per_process` whole batches, so every process runs the same number of steps."""
+    mine = list(range(process_index, num_samples, process_count))
+    return mine + [-1] * (batches_per_process(num_samples, process_count, batch_size) * batch_size - len(mine))
+
+
+def _decode_eval(raw: RawSample | str, image_size: int, label_source: str) -> dict[str, Any]:
+    if isinstance(raw, str):
+        return eval_element(None, image_size)
+    return eval_element(decode_sample(raw, image_size, label_source), image_size, raw.key)
 
 
 def _index_shards(shards: Sequence[str]) -> list[tuple[int, str, Any]]:
@@ -328,10 +298,7 @@ def build_eval_loader(
     if not shards:
         raise ValueError("expected at least one eval shard, found none")
     samples = _index_shards(shards)
-    mine = list(range(process_index, len(samples), process_count))
-    per_process = -(-len(samples) // process_count)
-    padded = -(-per_process // batch_size) * batch_size
-    entries = mine + [-1] * (padded - len(mine))
+    entries = process_slots(len(samples), process_index, process_count, batch_size)
     ds = grain.MapDataset.source(_EvalSource(shards, samples, entries))
     ds = ds.map(functools.partial(_decode_eval, image_size=image_size, label_source=label_source))
     if sample_transform is not None:

@@ -1,19 +1,15 @@
-"""TensorFlow Datasets sources (e.g. ImageNet-2012 prepared from its manual files) in the same pipeline.
+"""TensorFlow Datasets eval sources (e.g. ImageNet-2012 prepared from its manual files).
 
 Optional: needs the `tfds` extra (tensorflow-datasets, importlib_resources), imported only
 when a TFDS source is built. Records go through `tfds.data_source`, a random-access
-ArrayRecord reader that grain shuffles and shards directly; each record becomes the usual
-element, with the class name as the label.
+ArrayRecord reader; each record becomes the usual element, with the class name as the label.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import grain
-
 from nxtp_jax.data import preprocess
-from nxtp_jax.data.pipeline import SampleTransform, build_random_access_train_iterator
 from nxtp_jax.data.samples import Skip
 
 
@@ -73,40 +69,4 @@ class ClassificationRecord:
             "caption": self.caption_template.format(name),
             "labels": name,
         }
-
-
-def build_tfds_train_iterator(
-    name: str,
-    split: str,
-    *,
-    image_size: int,
-    batch_size: int,
-    seed: int,
-    data_dir: str | None = None,
-    class_names: Sequence[str] | None = None,
-    image_key: str = "image",
-    label_key: str = "label",
-    process_index: int | None = None,
-    process_count: int | None = None,
-    worker_count: int = 0,
-    sample_transform: SampleTransform | None = None,
-) -> grain.DatasetIterator:
-    """Endless shuffled batches of a prepared TFDS classification dataset (same elements as tar shards).
-
-    `class_names` default to the dataset's ClassLabel names (for ImageNet these are WordNet
-    ids such as "n01440764": pass human-readable names to train on words).
-    """
-    source = tfds_data_source(name, split, data_dir)
-    if class_names is None:
-        class_names = source.dataset_info.features[label_key].names
-    return build_random_access_train_iterator(
-        source,
-        ClassificationRecord(class_names, image_size, image_key=image_key, label_key=label_key),
-        batch_size=batch_size,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-        worker_count=worker_count,
-        sample_transform=sample_transform,
-    )
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from nxtp_jax import experiment, sharding
 from nxtp_jax.evaluation import metrics
-from nxtp_jax.data import preprocess
+from nxtp_jax.data import pipeline, preprocess
 from nxtp_jax.choices import EVAL_RANKINGS
 from nxtp_jax.inference.tagger import Tagger, check_decoding
 
@@ -246,8 +246,7 @@ def run(
         timing.data_s += time.perf_counter() - t0
         if batch_size is None:
             batch_size = len(batch["valid"])
-            per_process = -(-total // process_count)
-            needed = min(num_batches, -(-per_process // batch_size))
+            needed = min(num_batches, pipeline.batches_per_process(total, process_count, batch_size))
             bar.total = needed
         t1 = time.perf_counter()
         launched = predictor.launch(np.asarray(batch["image"]))
@@ -324,12 +323,13 @@ def write_records(path: pathlib.Path, records: Sequence[dict[str, Any]]) -> None
 # -- the job ------------------------------------------------------------------------------
 
 
-def make_metric(name: str, *, clip_archive: str = "", device: str | None = None) -> tuple[metrics.SemanticFScore, str, str]:
-    """(metric, the embedder actually used, a note). "minilm" falls back to "exact" when the eval extra is absent."""
-    if name in ("minilm", "clip"):
-        device = device or _torch_device()
+def make_metric(name: str, *, clip_archive: str = "", device: Any = None) -> tuple[metrics.SemanticFScore, str, str]:
+    """(metric, the embedder actually used, a note). "minilm" falls back to "exact" when the eval extra is absent.
+
+    The embedder runs on `device` (a jax.Device or platform name); None: this process's first device.
+    """
     try:
-        metric = metrics.SemanticFScore(name, device=device or "cpu", clip_archive=clip_archive or None)
+        metric = metrics.SemanticFScore(name, device=device, clip_archive=clip_archive or None)
     except ImportError as e:
         if name != "minilm":
             raise
@@ -338,14 +338,6 @@ def make_metric(name: str, *, clip_archive: str = "", device: str | None = None)
         print(f"WARNING: {note}", flush=True)
         return metrics.SemanticFScore("exact"), "exact", note
     return metric, name, ""
-
-
-def _torch_device() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str, Any]:
@@ -373,7 +365,7 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
                 "eval.ranking='clip' needs eval.clip_archive, the path of OpenAI's CLIP checkpoint "
                 "(ViT-L-14.pt, as the paper's Eq. A.1 used); found none"
             )
-        reranker = ClipReranker(clip_archive, mesh=mesh, text_device=_torch_device())
+        reranker = ClipReranker(clip_archive, mesh=mesh)
     predictor = BatchPredictor(
         tagger, k=cfg.k, strategy=cfg.strategy, ranking_method=cfg.ranking, mesh=mesh, reranker=reranker, seed=config.seed
     )

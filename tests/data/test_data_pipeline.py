@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from nxtp_jax.data import pipeline
-from nxtp_jax.data.samples import SKIP_KINDS, Skip
+from nxtp_jax.data.samples import SKIP_KINDS
 from nxtp_jax.data.skips import skip_summary
 from nxtp_jax.data.writer import write_shard
 
@@ -189,45 +189,3 @@ def test_sample_rng_is_per_key_and_epoch():
     assert a == pipeline.sample_rng({"key": "x", "epoch": np.int32(0)}, 3).integers(1 << 30)
     assert a != pipeline.sample_rng({"key": "x", "epoch": 1}, 3).integers(1 << 30)
     assert a != pipeline.sample_rng({"key": "y", "epoch": 0}, 3).integers(1 << 30)
-
-
-class ListSource:
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
-
-    def __repr__(self):
-        return f"ListSource({self.n})"
-
-
-def to_element(i):
-    if i % 5 == 4:
-        return Skip("undecodable", f"record {i}", "test")
-    return {"image": np.full((SIZE, SIZE, 3), i, np.uint8), "key": str(i), "caption": "c", "labels": "l"}
-
-
-def test_random_access_source_pipeline(tmp_path):
-    def run():
-        return pipeline.build_random_access_train_iterator(
-            ListSource(10), to_element, batch_size=4, seed=5, process_index=1, process_count=2
-        )
-
-    batches = take(run(), 4)  # process 1 owns records 1, 3, 5, 7, 9 (9 is skipped)
-    keys = [k for b in batches for k in b["key"].tolist()]
-    assert sorted(keys[:4]) == ["1", "3", "5", "7"]
-    assert sorted(keys[4:8]) == ["1", "3", "5", "7"]
-    assert keys[:4] != keys[4:8] or keys[4:8] != keys[8:12]  # redrawn per epoch
-    assert [int(b["epoch"].max()) for b in batches[:2]] == [0, 1]
-    assert sum(skip_summary(b)["skipped/undecodable"] for b in batches) >= 3
-    it = run()
-    take(it, 2)
-    state = it.get_state()
-    rest = [b["key"].tolist() for b in take(it, 2)]
-    fresh = run()
-    fresh.set_state(state)
-    assert [b["key"].tolist() for b in take(fresh, 2)] == rest

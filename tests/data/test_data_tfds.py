@@ -9,7 +9,7 @@ from PIL import Image
 
 from nxtp_jax.data import preprocess
 from nxtp_jax.data.samples import Skip
-from nxtp_jax.data.tfds_source import ClassificationRecord, build_tfds_train_iterator, tfds_data_source
+from nxtp_jax.data.tfds_source import ClassificationRecord, tfds_data_source
 
 
 def test_array_and_encoded_images_become_elements():
@@ -40,5 +40,3 @@ def test_missing_tfds_says_which_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"pip install 'nxtp_jax\[tfds\]'"):
         tfds_data_source("imagenet2012", "train")
-    with pytest.raises(ImportError, match="tensorflow-datasets"):
-        build_tfds_train_iterator("imagenet2012", "train", image_size=8, batch_size=2, seed=0, process_index=0, process_count=1)
