@@ -23,15 +23,14 @@ from tqdm import tqdm
 
 from nxtp_jax.data import labels
 from nxtp_jax.data.registry import find_shards
-from nxtp_jax.data.tar import TarFormatError, iter_groups, open_shard, read_bytes
+from nxtp_jax.data.tar import TarFormatError, read_bytes, walk
 from nxtp_jax.data.writer import write_shard
 
 
 def labelled_samples(shard: str, counts: collections.Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The shard's samples with labels added to their json; problems are counted in `counts`."""
-    fd, size = open_shard(shard)
-    try:
-        for group in iter_groups(fd, size, all_members=True):
+    with walk(shard, all_members=True) as (fd, groups):
+        for group in groups:
             if isinstance(group, TarFormatError):
                 counts[group.kind] += 1
                 return
@@ -59,8 +58,6 @@ def labelled_samples(shard: str, counts: collections.Counter) -> Iterator[tuple[
             members["json"] = json.dumps(meta).encode("utf-8")
             counts["labelled"] += 1
             yield group.key, members
-    finally:
-        fd.close()
 
 
 def process_shard(job: tuple[str, str]) -> collections.Counter:

@@ -18,7 +18,7 @@ from typing import Sequence, TextIO
 
 from nxtp_jax.data.registry import find_shards
 from nxtp_jax.data.samples import RawSample, Skip, decode_sample
-from nxtp_jax.data.tar import ShardOpenError, TarFormatError, iter_groups, open_shard, read_bytes
+from nxtp_jax.data.tar import ShardOpenError, TarFormatError, read_bytes, walk
 
 
 class NotATarShard(Exception):
@@ -30,10 +30,9 @@ def check_shard(shard: str) -> tuple[int, list[Skip]]:
 
     Raises ShardOpenError if it cannot be opened, NotATarShard if it breaks before its first sample.
     """
-    fd, size = open_shard(shard)
     valid, problems = 0, []
-    try:
-        for i, group in enumerate(iter_groups(fd, size)):
+    with walk(shard) as (fd, groups):
+        for i, group in enumerate(groups):
             if isinstance(group, TarFormatError):
                 if i == 0:
                     raise NotATarShard(
@@ -52,8 +51,6 @@ def check_shard(shard: str) -> tuple[int, list[Skip]]:
                 problems.append(result)
             else:
                 valid += 1
-    finally:
-        fd.close()
     return valid, problems
 
 

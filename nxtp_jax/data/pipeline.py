@@ -26,7 +26,7 @@ from nxtp_jax.choices import LABEL_SOURCES
 from nxtp_jax.data.samples import RawSample, Skip, decode_sample
 from nxtp_jax.data.skips import SkipCountingIterDataset, skip_fields
 from nxtp_jax.data.stream import TarStreamIterDataset
-from nxtp_jax.data.tar import TarFormatError, iter_groups, open_shard, read_bytes
+from nxtp_jax.data.tar import TarFormatError, open_shard, read_bytes, walk
 
 SampleTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -238,15 +238,12 @@ def _decode_eval(raw: RawSample | str, image_size: int, label_source: str) -> di
 def _index_shards(shards: Sequence[str]) -> list[tuple[int, str, Any]]:
     samples: list[tuple[int, str, Any]] = []
     for shard_index, shard in enumerate(shards):
-        fd, size = open_shard(shard)
-        try:
-            for group in iter_groups(fd, size):
+        with walk(shard) as (_, groups):
+            for group in groups:
                 if isinstance(group, TarFormatError):
                     samples.append((shard_index, f"@{group.offset}", group))
                 else:
                     samples.append((shard_index, group.key, group.members))
-        finally:
-            fd.close()
     return samples
 
 

@@ -24,9 +24,8 @@ def training_labels(shards: Iterable[str], max_samples: int) -> Iterable[list[st
     """The json "labels" of the first `max_samples` training samples (0 = all), in shard order."""
     seen = 0
     for shard in shards:
-        fd, size = tar.open_shard(shard)
-        try:
-            for group in tar.iter_groups(fd, size):
+        with tar.walk(shard) as (fd, groups):
+            for group in groups:
                 if max_samples and seen >= max_samples:
                     return
                 if isinstance(group, tar.TarFormatError) or tar.JSON_EXT not in group.members:
@@ -35,8 +34,6 @@ def training_labels(shards: Iterable[str], max_samples: int) -> Iterable[list[st
                 if isinstance(meta, dict) and isinstance(meta.get("labels"), list):
                     seen += 1
                     yield [str(label) for label in meta["labels"]]
-        finally:
-            fd.close()
 
 
 def most_common(label_lists: Iterable[list[str]], k: int) -> list[str]:

@@ -4,7 +4,10 @@
 
 Resume is automatic: the latest checkpoint in <workdir>/checkpoints (trainable params,
 optimizer state, step, the grain iterator state and the config) is restored, and the
-run continues with exactly the batches and updates it would have had.
+run continues with exactly the batches and updates it would have had. A step that does not
+restore is moved aside (`<step>.unrestorable`) and the one before it is used. Before that,
+the workdir is checked writable and locked (`training/workdir.py`), and a resume with
+another model shape stops before anything is written.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import functools
 import json
 import math
 import os
-import pathlib
 import time
 from typing import Any
 
@@ -25,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from etils import epath
 from ml_collections import config_dict
 
 from nxtp_jax import checkpoint, experiment, prompts, sharding
@@ -32,6 +35,8 @@ from nxtp_jax.training import optim, inputs as train_inputs, step as train_state
 from nxtp_jax.data import pipeline, registry, tar
 from nxtp_jax.models.config import ModelConfig
 from nxtp_jax.models.recognizer import Recognizer
+from nxtp_jax.errors import WorkdirError
+from nxtp_jax.training import workdir as workdir_guard
 from nxtp_jax.training.preemption import PreemptionWatch
 from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
 from nxtp_jax.training.log import MetricsLogger
@@ -62,7 +67,7 @@ def config_json(config: config_dict.ConfigDict) -> dict:
 # -- data and tokenizer --
 
 
-def _has_shards(root: pathlib.Path) -> bool:
+def _has_shards(root: epath.Path) -> bool:
     try:
         return bool(registry.find_shards(root))
     except FileNotFoundError:
@@ -72,11 +77,11 @@ def _has_shards(root: pathlib.Path) -> bool:
 def prepare_data(config: config_dict.ConfigDict) -> list[str]:
     """Training shard paths; synthesizes the shapes dataset first if the config asks and it is absent."""
     if config.data.synthesize == "shapes":
-        roots = [pathlib.Path(config.data.root) / config.data.registry[n.lower()]["root"] for n in config.data.train]
+        roots = [epath.Path(config.data.root) / config.data.registry[n.lower()]["root"] for n in config.data.train]
         if _is_main() and not all(_has_shards(r) for r in roots):
             from nxtp_jax.data.shapes import make_shapes
 
-            out = pathlib.Path(config.data.root) / "shapes"
+            out = epath.Path(config.data.root) / "shapes"
             print(f"writing the synthetic shapes dataset to {out} (once) ...", flush=True)
             make_shapes(
                 out,
@@ -99,9 +104,8 @@ def tokenizer_corpus(shards: list[str], max_texts: int) -> list[str]:
     for shard in shards:
         if samples >= max_texts:
             break
-        fd, size = tar.open_shard(shard)
-        try:
-            for group in tar.iter_groups(fd, size):
+        with tar.walk(shard) as (fd, groups):
+            for group in groups:
                 if samples >= max_texts:
                     break
                 if isinstance(group, tar.TarFormatError):
@@ -114,13 +118,11 @@ def tokenizer_corpus(shards: list[str], max_texts: int) -> list[str]:
                     if isinstance(meta, dict) and isinstance(meta.get("labels"), list):
                         texts.append(", ".join(str(label) for label in meta["labels"]))
                 samples += 1
-        finally:
-            fd.close()
     templates = list(prompts.OBJECT_TEMPLATES) + list(prompts.CAPTION_TEMPLATES)
     return templates * max(1, samples // len(templates)) + texts
 
 
-def prepare_tokenizer(config: config_dict.ConfigDict, workdir: pathlib.Path, shards: list[str]) -> Tokenizer:
+def prepare_tokenizer(config: config_dict.ConfigDict, workdir: epath.Path, shards: list[str]) -> Tokenizer:
     """The configured tokenizer; from scratch without one, trains <workdir>/tokenizer.model once."""
     path = experiment.tokenizer_path(config, workdir)
     if not path.is_file() and config.model.init == "scratch" and not config.tokenizer.path:
@@ -169,7 +171,7 @@ def init_params(config: config_dict.ConfigDict, model: Recognizer, mesh, rules) 
 
 def init_meta(config: config_dict.ConfigDict) -> dict:
     if config.model.init == "checkpoint":
-        return {"kind": "checkpoint", "path": str(pathlib.Path(config.model.checkpoint).absolute())}
+        return {"kind": "checkpoint", "path": os.fspath(checkpoint.as_path(config.model.checkpoint))}
     return {"kind": "scratch", "seed": config.seed}
 
 
@@ -189,7 +191,7 @@ class Setup:
     warmup_steps: int
 
 
-def setup(config: config_dict.ConfigDict, workdir: pathlib.Path, shards: list[str]) -> Setup:
+def setup(config: config_dict.ConfigDict, workdir: epath.Path, shards: list[str]) -> Setup:
     mesh = experiment.make_mesh(config)
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
     tok = prepare_tokenizer(config, workdir, shards)
@@ -208,12 +210,19 @@ def setup(config: config_dict.ConfigDict, workdir: pathlib.Path, shards: list[st
 # -- checkpoints --
 
 
-def checkpoint_manager(config: config_dict.ConfigDict, workdir: pathlib.Path) -> ocp.CheckpointManager:
+def checkpoint_manager(config: config_dict.ConfigDict, workdir: epath.Path) -> ocp.CheckpointManager:
+    """Orbax decides the interval saves (every save_interval_steps, and the first step of a fresh run)."""
     options = ocp.CheckpointManagerOptions(
+        save_interval_steps=config.checkpoint.save_interval_steps,
         max_to_keep=config.checkpoint.keep,
         enable_async_checkpointing=config.checkpoint.async_save,
     )
-    return ocp.CheckpointManager((workdir / checkpoint.STEPS_DIR).absolute(), options=options)
+    return ocp.CheckpointManager(checkpoint.steps_path(workdir, orbax_dir(config)), options=options)
+
+
+def orbax_dir(config: config_dict.ConfigDict) -> str:
+    """config.checkpoint.dir, or the default `checkpoints` under the workdir."""
+    return config.checkpoint.dir or checkpoint.STEPS_DIR
 
 
 @jax.jit
@@ -229,7 +238,7 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def save(manager, step: int, state: train_state.TrainState, data_iter, config: config_dict.ConfigDict) -> None:
+def save(manager, step: int, state: train_state.TrainState, data_iter, config: config_dict.ConfigDict, *, force: bool) -> None:
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -238,7 +247,7 @@ def save(manager, step: int, state: train_state.TrainState, data_iter, config: c
             data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config_json(config)),
         ),
-        force=True,
+        force=force,
     )
 
 
@@ -273,25 +282,75 @@ def train_iterator(config: config_dict.ConfigDict, shards: list[str]):
     )
 
 
+def lock_workdir(workdir: epath.Path, steps: epath.Path) -> workdir_guard.Lock | None:
+    """Every process checks that it can write; process 0 takes the lock, and all stop together if it cannot."""
+    workdir_guard.check_writable(workdir, steps)
+    lock, error = None, None
+    if _is_main():
+        try:
+            lock = workdir_guard.Lock(workdir).acquire()
+        except WorkdirError as e:
+            error = e
+    if jax.process_count() > 1 and not bool(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+        error = error or WorkdirError(f"process 0 could not lock {workdir}; see its log")
+    if error is not None:
+        raise error
+    return lock
+
+
+def resume(manager, state: train_state.TrainState, data_iter, mesh, workdir: epath.Path) -> tuple[int, train_state.TrainState]:
+    """(step, state) of the latest checkpoint that restores, or (0, state) in a new workdir.
+
+    A step that fails to restore (a truncated save) is moved aside to `<step>.unrestorable`
+    with a warning naming it, and the previous one is tried.
+    """
+    steps_dir = manager.directory
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return step, restore(manager, step, state, data_iter, mesh)
+        except Exception as e:  # orbax, tensorstore and grain raise many types for a damaged step
+            aside = steps_dir / f"{step}.unrestorable"
+            print(f"warning: checkpoint step {step} in {steps_dir} does not restore ({workdir_guard.describe(e)}); "
+                  f"moving it to {aside.name} and trying the previous step", flush=True)
+            if _is_main():
+                (steps_dir / str(step)).rename(aside)
+            _sync(f"unrestorable_{step}")
+            manager.reload()
+    return 0, state
+
+
 def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
     """Trains (or resumes) in `workdir` up to `experiment.last_step(config)`, or until preempted."""
     experiment.validate(config)
-    workdir = pathlib.Path(workdir)
-    if _is_main():
-        workdir.mkdir(parents=True, exist_ok=True)
+    workdir = checkpoint.as_path(workdir)  # local, or any epath backend (gs://...)
+    lock = lock_workdir(workdir, checkpoint.steps_path(workdir, orbax_dir(config)))
+    try:
+        return _train(config, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: config_dict.ConfigDict, workdir: epath.Path) -> TrainResult:
     _sync("workdir")
     shards = prepare_data(config)
     s = setup(config, workdir, shards)
+    workdir_guard.check_same_model(workdir, s.model.config, list(config.trainable))
     if _is_main():
         checkpoint.write_training_meta(
-            workdir, s.model.config, s.tokenizer.model_path, init=init_meta(config), trainable=list(config.trainable)
+            workdir,
+            s.model.config,
+            s.tokenizer.model_path,
+            init=init_meta(config),
+            trainable=list(config.trainable),
+            steps_dir=orbax_dir(config),
         )
         (workdir / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
 
     data_iter = train_iterator(config, shards)
     manager = checkpoint_manager(config, workdir)
-    start = manager.latest_step() or 0
-    state, frozen = s.state, s.frozen
+    start, state = resume(manager, s.state, data_iter, s.mesh, workdir)
+    frozen = s.frozen
     if config.model.init == "scratch" and jax.tree.leaves(frozen):
         # Random values depend on the mesh: a resumed run keeps the ones it started with.
         if start:
@@ -299,8 +358,7 @@ def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainRe
         else:
             checkpoint.save_frozen(workdir, frozen)
     if start:
-        state = restore(manager, start, state, data_iter, s.mesh)
-        print(f"resumed from step {start} in {workdir / checkpoint.STEPS_DIR}", flush=True)
+        print(f"resumed from step {start} in {manager.directory}", flush=True)
     last = experiment.last_step(config)
     text_len = experiment.text_length(config)
     logger = MetricsLogger(
@@ -339,7 +397,8 @@ def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainRe
             state, metrics = s.step_fn(state, frozen, batch)
             step += 1
             preempted = watch.reached(step)
-            save_now = preempted or step == last or step % config.checkpoint.save_interval_steps == 0
+            forced = preempted or step == last
+            save_now = forced or manager.should_save(step)
             if not save_now:
                 # Fetching here overlaps the host's data work with the device's step.
                 next_batch = fetch(step)
@@ -349,7 +408,7 @@ def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainRe
                 manager.wait_until_finished()
                 raise FloatingPointError(
                     f"loss is {loss} at step {step}; stopping without saving this state. The last good "
-                    f"checkpoint is step {manager.latest_step()} in {workdir / checkpoint.STEPS_DIR}. Lower "
+                    f"checkpoint is step {manager.latest_step()} in {manager.directory}. Lower "
                     "optim.lr, enable optim.grad_clip, or check the data around this step"
                 )
             now = time.perf_counter()
@@ -380,7 +439,7 @@ def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainRe
                         f"still finite); stopping without saving them. The last good checkpoint is step "
                         f"{manager.latest_step()}. Lower optim.lr or enable optim.grad_clip"
                     )
-                save(manager, step, state, data_iter, config)
+                save(manager, step, state, data_iter, config, force=forced)
                 if preempted:
                     print(f"preempted: saved step {step}; run the same command again to resume", flush=True)
                     break
