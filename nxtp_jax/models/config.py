@@ -10,7 +10,6 @@ size, the number of image tokens) are properties, never stored twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -96,11 +95,3 @@ class ModelConfig:
                 decoder=DecoderConfig(**d["decoder"]),
                 special_tokens=SpecialTokens(**d["special_tokens"]),
         )
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
-        return cls.from_dict(json.loads(text))
-
