@@ -7,18 +7,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import pathlib
-import shutil
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from nxtp_jax import params as ptree
+from nxtp_jax import params as ptree, sharding
 from nxtp_jax.errors import CheckpointError
 from nxtp_jax.models.config import ModelConfig
+from nxtp_jax.models.recognizer import init_params, init_variables
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -26,9 +28,20 @@ PARAMS_DIR = "params"
 FORMAT = "nxtp_jax.checkpoint/1"
 
 
-def check_new_dir(ckpt_dir: str | os.PathLike) -> pathlib.Path:
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`path` on its etils.epath backend (local, gs://, ...); a local one made absolute, as orbax needs."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copies a (small) file between any two epath backends."""
+    epath.Path(dst).write_bytes(epath.Path(src).read_bytes())
+
+
+def check_new_dir(ckpt_dir: str | os.PathLike) -> epath.Path:
     """`ckpt_dir` as an absolute path, if it is absent or an empty directory; a checkpoint is never written over files."""
-    ckpt_dir = pathlib.Path(ckpt_dir).absolute()
+    ckpt_dir = as_path(ckpt_dir)
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise CheckpointError(f"expected a new output directory at {ckpt_dir}, found a file; choose another --out")
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
@@ -36,7 +49,7 @@ def check_new_dir(ckpt_dir: str | os.PathLike) -> pathlib.Path:
     return ckpt_dir
 
 
-def save(ckpt_dir: str | os.PathLike, params: Any, config: ModelConfig, tokenizer_path: str | os.PathLike, **info: Any) -> pathlib.Path:
+def save(ckpt_dir: str | os.PathLike, params: Any, config: ModelConfig, tokenizer_path: str | os.PathLike, **info: Any) -> epath.Path:
     """Writes params, config and tokenizer. `info` (JSON-able) records provenance, e.g. sources.
 
     Everything is written to a temporary sibling directory renamed into place at the end,
@@ -45,10 +58,10 @@ def save(ckpt_dir: str | os.PathLike, params: Any, config: ModelConfig, tokenize
     ckpt_dir = check_new_dir(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.rmtree(missing_ok=True)
     tmp.mkdir()
     try:
-        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        copy_file(tokenizer_path, tmp / TOKENIZER_FILE)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
@@ -59,12 +72,12 @@ def save(ckpt_dir: str | os.PathLike, params: Any, config: ModelConfig, tokenize
             ckpt_dir.rmdir()
         tmp.rename(ckpt_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
     return ckpt_dir
 
 
 def read_meta(ckpt_dir: str | os.PathLike) -> dict:
-    path = pathlib.Path(ckpt_dir) / CONFIG_FILE
+    path = epath.Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {ckpt_dir} is not an nxtp_jax checkpoint directory "
@@ -89,12 +102,12 @@ def load_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_dict(model)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
-            f"{pathlib.Path(ckpt_dir) / CONFIG_FILE}: its 'model' entry is not a model config ({type(e).__name__}: {e})"
+            f"{epath.Path(ckpt_dir) / CONFIG_FILE}: its 'model' entry is not a model config ({type(e).__name__}: {e})"
         ) from e
 
 
-def tokenizer_path(ckpt_dir: str | os.PathLike) -> pathlib.Path:
-    return pathlib.Path(ckpt_dir) / read_meta(ckpt_dir)["tokenizer"]
+def tokenizer_path(ckpt_dir: str | os.PathLike) -> epath.Path:
+    return epath.Path(ckpt_dir) / read_meta(ckpt_dir)["tokenizer"]
 
 
 @jax.jit
@@ -111,7 +124,7 @@ def check_finite(params: Any, where: str | os.PathLike) -> None:
             raise CheckpointError(f"{where}: param {name} holds non-finite values (NaN or inf); the checkpoint is damaged")
 
 
-def restore_params(path: pathlib.Path, abstract: Any) -> Any:
+def restore_params(path: epath.Path, abstract: Any) -> Any:
     """Restores an orbax params item into `abstract` (ShapeDtypeStructs); float and finite, or CheckpointError."""
     try:
         with ocp.StandardCheckpointer() as ckptr:
@@ -137,7 +150,7 @@ def restore_params(path: pathlib.Path, abstract: Any) -> Any:
 
 def load_params(ckpt_dir: str | os.PathLike, abstract_params: Any) -> Any:
     """Restores params into the dtypes and shardings of `abstract_params` (ShapeDtypeStructs)."""
-    path = pathlib.Path(ckpt_dir).absolute() / PARAMS_DIR
+    path = as_path(ckpt_dir) / PARAMS_DIR
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the checkpoint at {ckpt_dir} has no params")
     return restore_params(path, abstract_params)
@@ -148,13 +161,6 @@ def abstract_params(model, mesh=None, rules=None) -> Any:
 
     Nothing is allocated. The default mesh is this process's first device.
     """
-    import functools
-
-    import flax.linen as nn
-
-    from nxtp_jax import sharding
-    from nxtp_jax.models.recognizer import init_variables
-
     mesh = mesh if mesh is not None else sharding.one_device_mesh()
     boxed = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
     shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)["params"]
@@ -168,7 +174,8 @@ def abstract_params(model, mesh=None, rules=None) -> Any:
 # A training workdir is also a checkpoint directory: its config.json has the model and
 # tokenizer like any other, plus a "training" entry saying where the weights are:
 #     WORKDIR/config.json, WORKDIR/tokenizer.model
-#     WORKDIR/checkpoints/<step>/params/   the trainable params only (orbax CheckpointManager)
+#     WORKDIR/checkpoints/<step>/params/   the trainable params only (orbax CheckpointManager;
+#                                          config.checkpoint.dir can put these steps elsewhere)
 #     WORKDIR/frozen_params/               from scratch: the random init of the frozen params
 # The frozen params come from the init checkpoint, or (from scratch) from frozen_params/.
 
@@ -185,41 +192,49 @@ def write_training_meta(
     *,
     init: dict[str, Any],
     trainable: list[str],
-) -> pathlib.Path:
+    steps_dir: str = STEPS_DIR,
+) -> epath.Path:
     """Makes `workdir` loadable by `Tagger.load`. `init` is {"kind": "checkpoint", "path": DIR} or {"kind": "scratch", "seed": S}.
 
-    From scratch, frozen params (if any) must be saved with `save_frozen`.
+    From scratch, frozen params (if any) must be saved with `save_frozen`. `steps_dir` is
+    where the step checkpoints are: relative to the workdir, absolute, or a URI.
     """
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if init.get("kind") not in ("checkpoint", "scratch"):
         raise ValueError(f'expected init {{"kind": "checkpoint" | "scratch", ...}}, found {init}')
     target = workdir / TOKENIZER_FILE
-    if pathlib.Path(tokenizer_path).absolute() != target:
-        shutil.copyfile(tokenizer_path, target)
-    training = {"init": init, "trainable": list(trainable), "steps_dir": STEPS_DIR}
+    if as_path(tokenizer_path) != target:
+        copy_file(tokenizer_path, target)
+    training = {"init": init, "trainable": list(trainable), "steps_dir": steps_dir}
     meta = {"format": FORMAT, "model": config.to_dict(), "tokenizer": TOKENIZER_FILE, TRAINING_KEY: training}
     (workdir / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return workdir
 
 
 def is_training_workdir(ckpt_dir: str | os.PathLike) -> bool:
-    path = pathlib.Path(ckpt_dir) / CONFIG_FILE
+    path = epath.Path(ckpt_dir) / CONFIG_FILE
     return path.is_file() and TRAINING_KEY in read_meta(ckpt_dir)
 
 
+def steps_path(workdir: str | os.PathLike, steps_dir: str | None = None) -> epath.Path:
+    """The orbax step checkpoints' directory: `steps_dir` (default: the workdir's config.json says) under `workdir`, unless absolute or a URI."""
+    if steps_dir is None:
+        meta = read_meta(workdir) if is_training_workdir(workdir) else {}
+        steps_dir = meta.get(TRAINING_KEY, {}).get("steps_dir", STEPS_DIR)
+    if "://" in steps_dir or os.path.isabs(steps_dir):
+        return as_path(steps_dir)
+    return as_path(workdir) / steps_dir
+
+
 def training_steps(workdir: str | os.PathLike) -> list[int]:
-    """Steps with a finished checkpoint (orbax renames a step folder into place when it is complete)."""
-    root = pathlib.Path(workdir) / STEPS_DIR
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    """Steps with a finished checkpoint, as orbax lists them."""
+    with ocp.CheckpointManager(steps_path(workdir), options=ocp.CheckpointManagerOptions(create=False)) as manager:
+        return sorted(manager.all_steps())
 
 
 def scratch_params(model, seed: int, mesh=None, rules=None) -> Any:
     """The random init of a from-scratch run."""
-    from nxtp_jax.models.recognizer import init_params
-
     return init_params(model, jax.random.key(seed), mesh, rules)
 
 
@@ -228,12 +243,12 @@ def save_frozen(workdir: str | os.PathLike, frozen: Any) -> None:
     if not jax.tree_util.tree_leaves(frozen):
         return
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(pathlib.Path(workdir).absolute() / FROZEN_DIR, frozen, force=True)
+        ckptr.save(as_path(workdir) / FROZEN_DIR, frozen, force=True)
         ckptr.wait_until_finished()
 
 
 def load_frozen(workdir: str | os.PathLike, abstract_frozen: Any) -> Any:
-    return restore_params(pathlib.Path(workdir).absolute() / FROZEN_DIR, abstract_frozen)
+    return restore_params(as_path(workdir) / FROZEN_DIR, abstract_frozen)
 
 
 def load_training_params(workdir: str | os.PathLike, model, mesh=None, rules=None, step: int | None = None) -> Any:
@@ -243,7 +258,7 @@ def load_training_params(workdir: str | os.PathLike, model, mesh=None, rules=Non
     steps = training_steps(workdir)
     if not steps:
         raise FileNotFoundError(
-            f"{workdir} is a training workdir without any finished checkpoint in {STEPS_DIR}/; "
+            f"{workdir} is a training workdir without any finished checkpoint in {steps_path(workdir)}; "
             "train longer than checkpoint.save_interval_steps, or until the end of the run"
         )
     step = steps[-1] if step is None else step
@@ -251,7 +266,7 @@ def load_training_params(workdir: str | os.PathLike, model, mesh=None, rules=Non
         raise FileNotFoundError(f"{workdir}: expected a checkpoint of step {step}, found steps {steps}")
     abstract = abstract_params(model, mesh, rules)
     abstract_trainable, abstract_frozen = ptree.split(abstract, training["trainable"])
-    item = pathlib.Path(workdir).absolute() / STEPS_DIR / str(step) / TRAINABLE_ITEM
+    item = steps_path(workdir) / str(step) / TRAINABLE_ITEM
     trainable = restore_params(item, abstract_trainable)
     if not jax.tree_util.tree_leaves(abstract_frozen):
         return trainable

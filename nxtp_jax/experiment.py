@@ -16,12 +16,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from ml_collections import config_dict
 
-from nxtp_jax.data import registry
+from nxtp_jax import checkpoint, sharding
 from nxtp_jax.choices import DTYPES, EMBEDDERS, EVAL_RANKINGS, INITS, LABEL_SOURCES, MODES, SCHEDULES, STRATEGIES, SYNTHETIC
-from nxtp_jax.params import ALL_ROWS
+from nxtp_jax.data import registry
 from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
+from nxtp_jax.params import ALL_ROWS
 from nxtp_jax.sharding import MESH_AXES
 from nxtp_jax.tokenizer import LLAMA2_PIECES, SPECIAL_TOKENS, Tokenizer
 
@@ -110,8 +112,6 @@ def mesh_shape(config: config_dict.ConfigDict) -> dict[str, int]:
 
 def make_mesh(config: config_dict.ConfigDict):
     """config.mesh over all devices, or over the first ones when every size is given and they are fewer."""
-    from nxtp_jax import sharding
-
     shape = mesh_shape(config)
     devices = jax.devices()
     if -1 not in shape.values():
@@ -119,15 +119,13 @@ def make_mesh(config: config_dict.ConfigDict):
     return sharding.make_mesh(shape, devices=devices)
 
 
-def tokenizer_path(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
+def tokenizer_path(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> epath.Path:
     """config.tokenizer.path, else the init checkpoint's, else <workdir>/tokenizer.model (scratch)."""
     if config.tokenizer.path:
-        return pathlib.Path(config.tokenizer.path)
+        return epath.Path(config.tokenizer.path)
     if config.model.init == "checkpoint":
-        from nxtp_jax import checkpoint
-
         return checkpoint.tokenizer_path(config.model.checkpoint)
-    return pathlib.Path(workdir) / "tokenizer.model"
+    return epath.Path(workdir) / "tokenizer.model"
 
 
 def embedding_row_ids(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> list[int] | None:
@@ -208,11 +206,11 @@ def _check_model(config, need) -> None:
         ckpt = config.model.checkpoint
         if not ckpt:
             need(False, f"model.checkpoint: model.init is 'checkpoint' but no directory is given; {CONVERT_HINT}")
-        elif not (pathlib.Path(ckpt) / "config.json").is_file():
+        elif not (epath.Path(ckpt) / "config.json").is_file():
             need(False, f"model.checkpoint: expected the CLIP + LLaMA checkpoint {ckpt}/config.json, found nothing; {CONVERT_HINT}")
     if config.tokenizer.path:
         need(
-            pathlib.Path(config.tokenizer.path).is_file(),
+            epath.Path(config.tokenizer.path).is_file(),
             f"tokenizer.path: expected a sentencepiece model at {config.tokenizer.path}, found nothing",
         )
 
@@ -225,7 +223,7 @@ def _check_data(config, need) -> None:
         if name.lower() not in registry:
             need(False, f"data: dataset {name!r} is not in data.registry ({sorted(registry)})")
         elif not config.data.synthesize:
-            root = pathlib.Path(config.data.root) / registry[name.lower()]["root"]
+            root = epath.Path(config.data.root) / registry[name.lower()]["root"]
             need(
                 root.is_dir(),
                 f"data: dataset {name!r} expected shards under {root}, found no such directory; "

@@ -10,12 +10,13 @@ from __future__ import annotations
 import collections
 import json
 import os
-import pathlib
 from typing import Any, Iterable
 
+from etils import epath
 from ml_collections import config_dict
 
 from nxtp_jax.data import registry, tar
+from nxtp_jax.evaluation import job as evaluate
 
 BASELINE_KEY = "frequency_baseline"
 
@@ -46,9 +47,7 @@ def most_common(label_lists: Iterable[list[str]], k: int) -> list[str]:
 
 def frequency_baseline(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, max_samples: int = 100_000) -> dict[str, Any]:
     """Scores the baseline on the targets of the last evaluation in `workdir` and records it in eval_metrics.json."""
-    from nxtp_jax.evaluation import job as evaluate
-
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     records_path = workdir / evaluate.RECORDS_FILE.format(dataset=config.eval.dataset)
     metrics_path = workdir / evaluate.METRICS_FILE
     if not records_path.is_file() or not metrics_path.is_file():

@@ -11,6 +11,10 @@ of all processes and writes
     <workdir>/eval_<dataset>.jsonl   one line per image, in the split's order
     <workdir>/eval_metrics.json      the final figures and the settings that produced them
 
+and adds the figures to <workdir>/metrics.jsonl and TensorBoard as `eval/<dataset>/<figure>`
+at the step of the checkpoint evaluated (0 for a converted checkpoint). The workdir and the
+checkpoint may be on any etils.epath backend (gs://...).
+
 The model step is jitted and batched; the next batch is dispatched to the devices before
 the metric scores the previous one, so the two overlap.
 """
@@ -21,22 +25,23 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import time
 import zlib
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from nxtp_jax import experiment, sharding
-from nxtp_jax.evaluation import metrics
-from nxtp_jax.data import pipeline, preprocess
+from nxtp_jax import checkpoint, experiment, sharding
+from nxtp_jax.evaluation import clip_rerank, metrics
+from nxtp_jax.data import eval_inputs, pipeline, preprocess
 from nxtp_jax.choices import EVAL_RANKINGS
 from nxtp_jax.inference.tagger import Tagger, check_decoding
+from nxtp_jax.training.log import write_eval
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +317,17 @@ def merge(payloads: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dic
     return records, figures, unreadable
 
 
-def write_records(path: pathlib.Path, records: Sequence[dict[str, Any]]) -> None:
+def write_records(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> None:
+    path = epath.Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    tmp.write_bytes("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8"))
+    tmp.replace(path)
+
+
+def checkpoint_step(ckpt: str | os.PathLike) -> int:
+    """The step `Tagger.load` takes from `ckpt`: a training workdir's latest, else 0 (a converted checkpoint)."""
+    steps = checkpoint.training_steps(ckpt) if checkpoint.is_training_workdir(ckpt) else []
+    return steps[-1] if steps else 0
 
 
 # -- the job ------------------------------------------------------------------------------
@@ -342,13 +352,12 @@ def make_metric(name: str, *, clip_archive: str = "", device: Any = None) -> tup
 
 def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str, Any]:
     """Runs config.eval on this process's share of the split; returns the final figures (on every process)."""
-    from nxtp_jax.data import eval_inputs
-
     cfg = config.eval
-    workdir = pathlib.Path(workdir)
-    ckpt = cfg.ckpt or str(workdir)
+    workdir = checkpoint.as_path(workdir)
+    ckpt = cfg.ckpt or os.fspath(workdir)
     clip_archive = cfg.clip_archive
     mesh = sharding.local_mesh(int(config.mesh.fsdp), int(config.mesh.tensor))
+    step = checkpoint_step(ckpt)
     tagger = load_tagger(
         ckpt,
         mesh,
@@ -358,14 +367,12 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
     )
     reranker = None
     if cfg.ranking == "clip":
-        from nxtp_jax.evaluation.clip_rerank import ClipReranker
-
         if not clip_archive:
             raise ValueError(
                 "eval.ranking='clip' needs eval.clip_archive, the path of OpenAI's CLIP checkpoint "
                 "(ViT-L-14.pt, as the paper's Eq. A.1 used); found none"
             )
-        reranker = ClipReranker(clip_archive, mesh=mesh)
+        reranker = clip_rerank.ClipReranker(clip_archive, mesh=mesh)
     predictor = BatchPredictor(
         tagger, k=cfg.k, strategy=cfg.strategy, ranking_method=cfg.ranking, mesh=mesh, reranker=reranker, seed=config.seed
     )
@@ -392,6 +399,7 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
         "strategy": cfg.strategy,
         "ranking": cfg.ranking,
         "checkpoint": str(ckpt),
+        "step": step,
         "embedder": embedder,
         **({"embedder_note": note} if note else {}),
         "num_unreadable": len(unreadable),
@@ -402,6 +410,7 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
         workdir.mkdir(parents=True, exist_ok=True)
         write_records(workdir / RECORDS_FILE.format(dataset=cfg.dataset), records)
         (workdir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_eval(workdir, step, cfg.dataset, figures, tensorboard=config.tensorboard)
         _report(summary, records, unreadable, cfg.examples)
     return summary
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nxtp_jax import sharding
 from nxtp_jax.models.clip import VisionTransformer
 from nxtp_jax.models.config import ModelConfig
 from nxtp_jax.models.layers import Activations
@@ -76,8 +77,6 @@ def init_variables(model: Recognizer, key: jax.Array) -> dict:
 
 def init_params(model: Recognizer, rng: jax.Array, mesh=None, rules=None) -> dict:
     """Randomly initialised params, created directly in their shardings (see `sharding.init_sharded`)."""
-    from nxtp_jax import sharding
-
     mesh = mesh if mesh is not None else sharding.one_device_mesh()
     init_fn = functools.partial(init_variables, model)
     return sharding.init_sharded(init_fn, rng, mesh, rules or sharding.DEFAULT_RULES)["params"]
