@@ -4,7 +4,7 @@ Per image, the model's candidate labels (deduplicated; [""] when there are none)
 by softmax(logit_scale * cos(image, label)) over that image's candidates, and the best k
 are kept, as the original's evaluation engine did:
 - label text: `label.replace("_", " ")[:77]` (77 characters), no prompt template, encoded by
-  CLIP's text tower (`embedders.ClipText`, torch; fp32);
+  CLIP's text tower (`embedders.ClipText`, Flax, jitted on the mesh's first device; fp32);
 - image: the recognizer's preprocessed image (CLIP normalisation), resized bilinearly
   (no antialiasing, half-pixel centres, as `F.interpolate(..., align_corners=False)`) to the
   archive's resolution, through CLIP's image tower: our Flax `VisionTransformer` with
@@ -65,7 +65,6 @@ class ClipReranker:
         archive: str | os.PathLike,
         *,
         mesh: Mesh | None = None,
-        text_device: str = "cpu",
         bpe_path: str | os.PathLike | None = None,
     ):
         source = open_openai_clip(archive)
@@ -86,7 +85,7 @@ class ClipReranker:
         self.params = jax.device_put(nest(flat)["vision_encoder"], sharding.replicated(mesh))
         self.encoder = VisionTransformer(vision, embed_dim)
         self.logit_scale = float(np.exp(source.read("logit_scale")))
-        self.text = ClipText(archive, bpe_path=bpe_path, device=text_device)
+        self.text = ClipText(source, bpe_path=bpe_path, device=mesh.devices.flat[0])
         self._cache: dict[str, np.ndarray] = {}
 
     def image_features(self, images: jax.Array) -> jax.Array:

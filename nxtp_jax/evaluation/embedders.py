@@ -108,13 +108,17 @@ class JaxTextModel(Embedder):
     and each batch is zero-padded to the smallest batch and length buckets that hold it.
     """
 
-    def __init__(self, forward: Callable, params: Any, dim: int, buckets: Sequence[int], device: str | None):
+    def __init__(self, forward: Callable, params: Any, dim: int, buckets: Sequence[int], device: Any):
         import jax
 
-        try:
-            self.device = jax.local_devices(backend=device)[0]
-        except RuntimeError as e:
-            raise ValueError(f"expected a JAX platform this process has (e.g. cpu, gpu, tpu) or None, found device={device!r}") from e
+        if device is None or isinstance(device, str):
+            try:
+                device = jax.local_devices(backend=device)[0]
+            except RuntimeError as e:
+                raise ValueError(
+                    f"expected a JAX platform this process has (e.g. cpu, gpu, tpu), a jax.Device or None, found device={device!r}"
+                ) from e
+        self.device = device
         self.params = jax.device_put(params, self.device)
         self.dim = dim
         self.buckets = tuple(buckets)
@@ -188,7 +192,7 @@ class MiniLM(JaxTextModel):
     def __init__(
         self,
         *,
-        device: str | None = None,
+        device: Any = None,
         max_tokens: int = MINILM_MAX_TOKENS,
         model_path: str | os.PathLike | None = None,
     ):
@@ -359,7 +363,7 @@ class ClipText(JaxTextModel):
         archive: str | os.PathLike | Any,
         *,
         bpe_path: str | os.PathLike | None = None,
-        device: str | None = None,
+        device: Any = None,
     ):
         from nxtp_jax.models.clip import TextTransformer
         from nxtp_jax.weights.clip import infer_text_tower, open_openai_clip, text_tower_table
@@ -388,13 +392,13 @@ class ClipText(JaxTextModel):
 def make_embedder(
     name: str,
     *,
-    device: str | None = None,
+    device: Any = None,
     clip_archive: str | os.PathLike | None = None,
     bpe_path: str | os.PathLike | None = None,
 ) -> Embedder:
     """"minilm" (the paper's metric), "exact" (string equality) or "clip" (needs clip_archive).
 
-    `device`: the JAX platform the model runs on ("cpu", "gpu", "tpu"); None, the default backend.
+    `device`: a jax.Device or platform ("cpu", "gpu", "tpu") to run on; None: the default backend's first.
     """
     if name == "minilm":
         return MiniLM(device=device)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -76,7 +76,8 @@ class SemanticFScore:
     `embedder` is "minilm" (the paper's all-MiniLM-L6-v2), "exact" (string equality),
     "clip" (OpenAI CLIP text tower; needs `clip_archive`) or an `Embedder`. Only strings
     not seen before are embedded, in batches of `batch_size` (sorted by length, which
-    keeps padding short).
+    keeps padding short). The model embedders run on `device` (a jax.Device or platform
+    name; None: the default backend's first device).
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class SemanticFScore:
         embedder: str | Embedder = "minilm",
         *,
         batch_size: int = 256,
-        device: str = "cpu",
+        device: Any = None,
         clip_archive: str | os.PathLike | None = None,
         bpe_path: str | os.PathLike | None = None,
     ):
