@@ -173,3 +173,48 @@ def test_buckets_end_at_the_model_limit():
     assert embedders.length_buckets(embedders.MINILM_LENGTH_BUCKETS, 128) == (16, 32, 64, 128)
     assert embedders.length_buckets(embedders.CLIP_LENGTH_BUCKETS, 77) == (16, 32, 77)
     assert embedders.length_buckets(embedders.MINILM_LENGTH_BUCKETS, 40) == (16, 32, 40)
+
+
+# --- CLIP's text tower against OpenAI's own code ------------------------------------------
+
+
+def _openai_clip_module(name: str):
+    """A module of the installed openai-clip package, loaded by file (its __init__ needs torchvision)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_openai_clip_{name}", embedders.find_clip_bpe().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_clip_text_equals_openai_encode_text_across_buckets(tmp_path):
+    """70 texts: two batches, every length bucket, and texts cut at 77 tokens (ending in EOT, as truncate=True)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = _openai_clip_module("model").CLIP(
+        embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+        context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=2,
+    ).eval()
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(model.state_dict(), path)
+    tok = _openai_clip_module("simple_tokenizer").SimpleTokenizer(str(embedders.find_clip_bpe()))
+    sot, eot = tok.encoder["<|startoftext|>"], tok.encoder["<|endoftext|>"]
+    texts = [" ".join(["dog", "Café", "traffic light", "日本語", "it's"][: 1 + i % 5]) * (1 + i) for i in range(66)]
+    texts += ["", "a " * 200, "<|endoftext|> after the end", "🚦 &amp; 🚕"]
+    ids = torch.zeros(len(texts), 77, dtype=torch.long)
+    for i, text in enumerate(texts):
+        row = ([sot] + tok.encode(text))[:76] + [eot]
+        ids[i, : len(row)] = torch.tensor(row)
+    with torch.no_grad():
+        expected = model.encode_text(ids).numpy()
+
+    clip = embedders.ClipText(path)
+    together = clip.encode(texts)  # batches (64, 77) and (8, 77)
+    one_by_one = np.concatenate([clip.encode([text]) for text in texts])  # (8, 16), (8, 32) and (8, 77)
+    assert clip._forward._cache_size() == 4
+    scale = np.abs(expected).max()
+    assert np.abs(together - expected).max() <= 1e-5 * scale
+    assert np.abs(one_by_one - expected).max() <= 1e-5 * scale
+    np.testing.assert_allclose(clip.embed(texts), expected / np.linalg.norm(expected, axis=-1, keepdims=True), atol=1e-6)
