@@ -116,8 +116,9 @@ def get_config() -> config_dict.ConfigDict:
     c.logical_axis_rules = sharding.DEFAULT_RULES  # logical axis -> mesh axis; a missing rule is an error
 
     c.checkpoint = config_dict.ConfigDict()
-    c.checkpoint.save_interval_steps = 2000  # also saved at the end and on SIGTERM
+    c.checkpoint.save_interval_steps = 2000  # also saved at the first step, at the end and on SIGTERM
     c.checkpoint.keep = 3  # checkpoints kept in <workdir>/checkpoints
+    c.checkpoint.dir = ""  # orbax's step checkpoints; "" = <workdir>/checkpoints (else absolute or a URI)
     c.checkpoint.async_save = True  # write in the background while training continues
 
     c.log_every_steps = 100  # console line, metrics.jsonl and TensorBoard

@@ -11,6 +11,7 @@ Multi-host runs are detected under SLURM (more than one task) and on multi-host 
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -55,6 +56,23 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops orbax's and grain's INFO records (several per checkpoint save, restore and data read); their warnings pass."""
+
+    _PACKAGES = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain"))
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in self._PACKAGES)
+
+
+def setup_logging() -> None:
+    """absl logging at INFO, without orbax's and grain's chatter; an explicit --verbosity shows everything at its level."""
+    if flags.FLAGS["verbosity"].present:
+        return
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
@@ -62,8 +80,7 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value or config.workdir
     if not workdir:
         raise app.UsageError("no workdir: pass --workdir=DIR (or set config.workdir)")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and read at INFO
+    setup_logging()
     initialize_distributed()
 
     import jax
@@ -81,7 +98,13 @@ def main(argv: list[str]) -> None:
     if config.mode in ("eval", "train_and_eval"):
         from nxtp_jax.evaluation.job import evaluate
 
-        evaluate(config, workdir)
+        summary = evaluate(config, workdir)
+        if jax.process_index() == 0:
+            from nxtp_jax.evaluation.metrics import STATE_KEYS
+            from nxtp_jax.training.log import write_eval
+
+            figures = {key: summary[key] for key in (*STATE_KEYS, "num_images")}
+            write_eval(workdir, summary["step"], config.eval.dataset, figures, tensorboard=config.tensorboard)
         if config.eval.baseline and jax.process_index() == 0:
             from nxtp_jax.evaluation.baseline import frequency_baseline
 

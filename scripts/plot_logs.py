@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     parser.add_argument("--out", type=pathlib.Path, default=None, help="output folder (default WORKDIR/plots)")
     parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight for the loss curve, 0 = none")
     args = parser.parse_args(argv)
-    records = read_metrics(args.workdir)
+    records = [r for r in read_metrics(args.workdir) if "loss" in r]  # training lines; eval lines carry eval/... figures
     out = args.out or args.workdir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     steps = np.asarray([r["step"] for r in records])

@@ -5,20 +5,28 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
+from etils import epath
+
+
+def _tars_under(directory: epath.Path) -> list[str]:
+    # Not epath's walk(): on fsspec backends it drops the gs:// scheme from the roots it yields.
+    found: list[str] = []
+    for child in directory.iterdir():
+        if child.is_dir():
+            found += _tars_under(child)
+        elif child.name.endswith(".tar"):
+            found.append(os.fspath(child))
+    return found
+
 
 def find_shards(path: str | os.PathLike) -> list[str]:
-    """A `.tar` file itself, or every `*.tar` under a directory (recursively, sorted)."""
+    """A `.tar` file itself, or every `*.tar` under a directory (recursively, sorted); local or any epath backend (gs://...)."""
     path = os.fspath(path)
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
         return [path]
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
         raise FileNotFoundError(f"expected a .tar shard or a directory of them, found nothing at {path!r}")
-    shards = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(path, followlinks=True)
-        for name in names
-        if name.endswith(".tar")
-    )
+    shards = sorted(_tars_under(epath.Path(path)))
     if not shards:
         raise FileNotFoundError(f"expected *.tar shards under {path!r}, found none; see docs/data.md to pack some")
     return shards
@@ -45,7 +53,7 @@ def resolve_shards(
     shards: list[str] = []
     for name in _names(names):
         root = os.path.join(os.fspath(data_root), _entry(name, registry)["root"])
-        if not os.path.isdir(root):
+        if not epath.Path(root).is_dir():
             raise FileNotFoundError(
                 f"dataset {name!r}: expected a directory of *.tar shards at {root!r}, found none; "
                 "check data_root, or pack the dataset as described in docs/data.md"

@@ -7,6 +7,7 @@ import os
 import tarfile
 from typing import Callable, Iterable, Sequence, TypeVar
 
+from etils import epath
 from tqdm import tqdm
 
 T = TypeVar("T")
@@ -19,11 +20,11 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> int:
     Members are written as `key.ext`, in sample order, with fixed metadata so that the same
     samples always give the same bytes.
     """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    path = epath.Path(path)  # local, or any epath backend (gs://...)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     count = 0
     try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tmp.open("wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, members in samples:
                 if "." in os.path.basename(key) or not key:
                     raise ValueError(f"expected a non-empty key without '.', found {key!r}")
@@ -34,10 +35,10 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> int:
                     info.mtime = 0
                     tar.addfile(info, io.BytesIO(data))
                 count += 1
-        os.replace(tmp, path)
+        tmp.replace(path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
     return count
 
 
@@ -64,13 +65,13 @@ def pack(
     """
     if samples_per_shard <= 0:
         raise ValueError(f"expected samples_per_shard > 0, found {samples_per_shard}")
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     num_shards = -(-len(items) // samples_per_shard)
     paths = [shard_path(out_dir, prefix, s) for s in range(num_shards)]
     with tqdm(total=len(items), desc=desc, unit="sample", disable=not progress) as bar:
         for s, path in enumerate(paths):
             lo, hi = s * samples_per_shard, min(len(items), (s + 1) * samples_per_shard)
-            if os.path.exists(path):
+            if epath.Path(path).exists():
                 bar.update(hi - lo)
                 continue
 

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -100,7 +99,7 @@ def export_model(
             f"the model config says <|image|>={cfg.special_tokens.image}, <|empty|>={cfg.special_tokens.empty}, "
             f"but {tokenizer_path} gives {tok.image_id}, {tok.empty_id}; pass the checkpoint's own tokenizer"
         )
-    shutil.copyfile(tokenizer_path, out_dir / FILES["tokenizer"])
+    checkpoint.copy_file(tokenizer_path, out_dir / FILES["tokenizer"])  # the checkpoint may be on gs://
     table = params["language_decoder"]["tok_embeddings"]["embedding"]
     np.save(out_dir / FILES["embeddings"], np.asarray(table, weight_dtype))
 
@@ -198,7 +197,7 @@ def store_weights_as_float16(path: pathlib.Path) -> int:
 def export_checkpoint(ckpt_dir, out_dir, *, dtype: str = "float32", opset: int = DEFAULT_OPSET, check: bool = True, log=print) -> dict:
     """Loads, exports and (with `check`) compares every graph with JAX; returns the export's config."""
     model, params = load(ckpt_dir, dtype)
-    source = os.fspath(pathlib.Path(ckpt_dir).absolute())
+    source = os.fspath(checkpoint.as_path(ckpt_dir))
     config = export_model(model, params, checkpoint.tokenizer_path(ckpt_dir), out_dir, opset=opset, source=source, log=log)
     if check:
         reference = jax_reference(model, params)
