@@ -11,9 +11,9 @@ of all processes and writes
     <workdir>/eval_<dataset>.jsonl   one line per image, in the split's order
     <workdir>/eval_metrics.json      the final figures and the settings that produced them
 
-and adds the figures to <workdir>/metrics.jsonl and TensorBoard as `eval/<dataset>/<figure>`
-at the step of the checkpoint evaluated (0 for a converted checkpoint). The workdir and the
-checkpoint may be on any etils.epath backend (gs://...).
+The summary's "step" is the checkpoint's (0 for a converted checkpoint); `python -m
+nxtp_jax.main` also adds the figures to metrics.jsonl and TensorBoard at that step. The
+workdir and the checkpoint may be on any etils.epath backend (gs://...).
 
 The model step is jitted and batched; the next batch is dispatched to the devices before
 the metric scores the previous one, so the two overlap.
@@ -41,7 +41,6 @@ from nxtp_jax.evaluation import clip_rerank, metrics
 from nxtp_jax.data import eval_inputs, pipeline, preprocess
 from nxtp_jax.choices import EVAL_RANKINGS
 from nxtp_jax.inference.tagger import Tagger, check_decoding
-from nxtp_jax.training.log import write_eval
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +409,6 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
         workdir.mkdir(parents=True, exist_ok=True)
         write_records(workdir / RECORDS_FILE.format(dataset=cfg.dataset), records)
         (workdir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        write_eval(workdir, step, cfg.dataset, figures, tensorboard=config.tensorboard)
         _report(summary, records, unreadable, cfg.examples)
     return summary
 
