@@ -8,15 +8,20 @@
 `--llama-hf-dir` reads the Hugging Face layout instead of Meta's. With `--nxtp-ckpt`, the
 LLaMA directory needs only params.json when the checkpoint holds every decoder param
 (the released ones do), and `--layers` defaults to the checkpoint's depth.
+
+No input runs code: `--clip` may be a TorchScript archive, read as data (never
+`torch.jit.load`); every other torch file loads with `weights_only=True`. Integer, complex
+and non-finite weights are refused, naming the tensor. `--out` must be new or empty; the
+checkpoint is written beside it and moved into place whole. Errors print one line
+(`--verbose`: with the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
-from nxtp_jax import checkpoint
+from nxtp_jax import checkpoint, errors
 from nxtp_jax.weights import convert, save
 from nxtp_jax.choices import DTYPES
 
@@ -33,16 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, help="input resolution; another than the archive's means a fresh positional embedding")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh inits (new proj, special-token rows)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the params are written in")
-    p.add_argument("--out", required=True, help="output checkpoint directory (must not hold params yet)")
+    p.add_argument("--out", required=True, help="output checkpoint directory: new or empty (written whole, then moved in place)")
+    p.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if (pathlib.Path(args.out) / checkpoint.PARAMS_DIR).exists():
-        print(f"error: {args.out} already holds a checkpoint; choose a new --out directory", file=sys.stderr)
-        return 1
     try:
+        checkpoint.check_new_dir(args.out)
         conversion = convert(
             clip_path=args.clip,
             tokenizer_path=args.tokenizer,
@@ -54,11 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             dtype=args.dtype,
         )
-    except (FileNotFoundError, ValueError) as e:  # WeightImportError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(conversion.report())
-    out = save(conversion, args.out, args.tokenizer)
+        print(conversion.report())
+        out = save(conversion, args.out, args.tokenizer)
+    except errors.USER_ERRORS as e:  # WeightImportError, CheckpointError, missing files
+        return errors.report(e, args.verbose)
     print(f"wrote {out}")
     return 0
 

@@ -7,15 +7,21 @@
 Multi-host runs are detected under SLURM (more than one task) and on multi-host TPU VMs
 (`--distributed=on` leaves the detection to JAX); elsewhere the three flags above start
 `jax.distributed` explicitly.
+
+User errors (a bad config, an unusable or locked workdir, a damaged checkpoint) print one
+`error: ...` line and exit 1; `--verbose` adds the traceback.
 """
 
 from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from nxtp_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; defaults to config.workdir.")
@@ -29,6 +35,7 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for explicit multi-host runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
+_VERBOSE = errors.verbose_flag()
 
 
 def _cluster_detected() -> bool:
@@ -82,7 +89,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("no workdir: pass --workdir=DIR (or set config.workdir)")
     setup_logging()
     initialize_distributed()
+    try:
+        run(config, workdir)
+    except errors.USER_ERRORS as e:
+        sys.exit(errors.report(e, _VERBOSE.value))
 
+
+def run(config, workdir: str) -> None:
     import jax
 
     from nxtp_jax import experiment

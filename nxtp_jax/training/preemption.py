@@ -1,9 +1,10 @@
-"""Preemption (SIGTERM): every process learns at the same step that it should save and stop.
+"""Preemption (SIGTERM, or a first Ctrl-C): every process learns at the same step that it should save and stop.
 
 One process: a SIGTERM handler sets a flag. Several processes under `jax.distributed`:
 JAX's preemption service catches the signal on any host and agrees a common step with
 the others (`multihost_utils.reached_preemption_sync_point`), so the collective save
-never deadlocks on hosts that disagree.
+never deadlocks on hosts that disagree. In one process, a first Ctrl-C (SIGINT) saves and
+stops like SIGTERM, and a second one aborts at once (KeyboardInterrupt).
 """
 
 from __future__ import annotations
@@ -22,12 +23,18 @@ class PreemptionWatch:
     def __init__(self) -> None:
         self._multi = jax.process_count() > 1
         self._signalled = False
-        self._previous = None
+        self._previous = {}
         if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def _on_sigterm(self, signum, frame) -> None:
-        log.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._signalled:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt("second Ctrl-C: aborting without saving")
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        log.warning("%s received: saving a checkpoint after this step, then stopping", name)
+        if signum == signal.SIGINT:
+            print("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts)", flush=True)
         self._signalled = True
 
     def reached(self, step: int) -> bool:
@@ -41,6 +48,6 @@ class PreemptionWatch:
             return False
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
