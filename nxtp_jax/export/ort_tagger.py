@@ -2,12 +2,15 @@
 
     tagger = OrtTagger("onnx_dir")
     tagger.predict(["cat.jpg"], num_labels=10)   # [[("cat", 0.61), ("sofa", 0.12), ...]]
+    tagger.predict(["cat.jpg"], min_prob=0.1, vocab=["cat", "dog", "sofa"])  # a closed vocabulary
 
 The sampling is `nxtp_jax.inference.sampling.one_shot` step for step: one prefill over image tokens and
 prompt fills a KV cache that the k branches of an image share, branch j's step-s key goes to slot
 T0 + s*k + j, and a branch sees the prefix plus its own tokens only. `cache=False` is the
 original's strategy instead (`sampling.one_shot_recompute`): k copies of the prefix and the whole
-sequence again at every step. Ranking is `nxtp_jax.inference.ranking`, so labels and scores are those of
+sequence again at every step. With a vocabulary, each step is constrained to its trie
+(`nxtp_jax.inference.vocabulary.first_step` / `select`, the numpy form of the device loop's
+steps). Ranking is `nxtp_jax.inference.ranking`, so labels and scores are those of
 `nxtp_jax.inference.tagger.Tagger`.
 
 Needs only onnxruntime, numpy, pillow and sentencepiece (the imported nxtp_jax modules import no
@@ -25,7 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from nxtp_jax import prompts
-from nxtp_jax.inference import ranking
+from nxtp_jax.inference import ranking, vocabulary
+from nxtp_jax.inference.vocabulary import Vocabulary
 from nxtp_jax.data import preprocess
 from nxtp_jax.tokenizer import Tokenizer
 
@@ -121,11 +125,34 @@ class OrtTagger:
         txt = self.embed(self.prompt).astype(img.dtype)
         return np.concatenate([img, np.broadcast_to(txt, (img.shape[0],) + txt.shape)], axis=1)
 
-    def sample(self, pixels: np.ndarray, k: int, *, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """tokens, probs [B, k, max_updates - 1], as `sampling.one_shot` returns them."""
-        return (self._sample_cached if cache else self._sample_recompute)(self._prefix(pixels), k)
+    def vocabulary(self, vocab: Any) -> Vocabulary | None:
+        """A list of labels, a file with one label per line, or a `Vocabulary` -> a checked `Vocabulary` (None stays None)."""
+        vocab = vocabulary.resolve(vocab, self.tokenizer)
+        if vocab is not None:
+            vocab.check_compatible(self.tokenizer, self.prompt, self.config["max_updates"] - 1)
+        return vocab
 
-    def _sample_cached(self, h: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def sample(
+        self, pixels: np.ndarray, k: int, *, cache: bool = True, vocab: Vocabulary | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """tokens, probs [B, k, max_updates - 1], as `sampling.one_shot` returns them."""
+        return (self._sample_cached if cache else self._sample_recompute)(self._prefix(pixels), k, self.vocabulary(vocab))
+
+    def _first(self, logits: np.ndarray, k: int, vocab: Vocabulary | None):
+        """The top-k step: logits [B, V] -> tokens, probs, trie nodes [B, k] (nodes unused without a vocabulary)."""
+        if vocab is not None:
+            return vocabulary.first_step(vocab, logits, k)
+        probs, tokens = top_k(softmax(logits), k)
+        return tokens, probs, np.zeros_like(tokens)
+
+    def _step(self, logits: np.ndarray, nodes: np.ndarray, vocab: Vocabulary | None):
+        """A greedy step: logits [..., V] -> tokens, probs, trie nodes [...]."""
+        if vocab is not None:
+            return vocabulary.select(vocab, logits, nodes)
+        p = softmax(logits)
+        return p.argmax(axis=-1).astype(np.int32), p.max(axis=-1), nodes
+
+    def _sample_cached(self, h: np.ndarray, k: int, vocab: Vocabulary | None) -> tuple[np.ndarray, np.ndarray]:
         n, delimiter = self.config["num_image_tokens"], self.tokenizer.delimiter_id
         b, t0, _ = h.shape
         sampled = self.config["max_updates"] - 1  # tokens per branch, the top-k one included
@@ -134,12 +161,12 @@ class OrtTagger:
         mask = np.zeros((1, 1, t0, capacity), bool)
         mask[0, 0, :, :t0] = prefix_mask(n, t0)
         logits, kv = self.decode(h, np.arange(t0)[None], mask, 0, [t0 - 1], self._empty_cache(b, capacity))
-        first_probs, first = top_k(softmax(logits[:, 0]), k)
+        first, first_probs, nodes = self._first(logits[:, 0], k, vocab)
 
         tokens = np.full((b, k, sampled), -1, np.int32)
         probs = np.ones((b, k, sampled), np.float32)
         tokens[:, :, 0], probs[:, :, 0] = first, first_probs
-        done = first == delimiter
+        done = (first == delimiter) | (first < 0)
 
         slot = np.arange(capacity - t0)
         branch_slots = slot[None, :] % k == np.arange(k)[:, None]  # [k, C - T0]
@@ -149,51 +176,63 @@ class OrtTagger:
             step_mask = np.concatenate([np.ones((k, t0), bool), own], axis=1)[None, None]
             positions = np.full((1, k), t0 + s - 1)
             logits, kv = self.decode(self.embed(tokens[:, :, s - 1]), positions, step_mask, t0 + (s - 1) * k, np.arange(k), kv)
-            p = softmax(logits)  # [B, k, V]
-            nxt = p.argmax(axis=-1).astype(np.int32)
-            tokens[:, :, s], probs[:, :, s] = nxt, p.max(axis=-1)
+            nxt, prob, nodes = self._step(logits, nodes, vocab)  # logits [B, k, V]
+            tokens[:, :, s], probs[:, :, s] = nxt, prob
             done |= nxt == delimiter
             s += 1
         return tokens, probs
 
-    def _last_probs(self, h: np.ndarray) -> np.ndarray:
+    def _last_logits(self, h: np.ndarray) -> np.ndarray:
         b, t, _ = h.shape
         mask = prefix_mask(self.config["num_image_tokens"], t)[None, None]
         logits, _ = self.decode(h, np.arange(t)[None], mask, 0, [t - 1], self._empty_cache(b, t))
-        return softmax(logits[:, 0])
+        return logits[:, 0]
 
-    def _sample_recompute(self, h: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _sample_recompute(self, h: np.ndarray, k: int, vocab: Vocabulary | None) -> tuple[np.ndarray, np.ndarray]:
         delimiter, sampled = self.tokenizer.delimiter_id, self.config["max_updates"] - 1
         b = h.shape[0]
-        first_probs, first = top_k(self._last_probs(h), k)
+        first, first_probs, nodes = self._first(self._last_logits(h), k, vocab)
         h = np.repeat(h, k, axis=0)  # k copies of the prefix, as the original
-        tokens, probs = [first.reshape(b * k)], [first_probs.reshape(b * k)]
-        done = tokens[0] == delimiter
+        tokens, probs, nodes = [first.reshape(b * k)], [first_probs.reshape(b * k)], nodes.reshape(b * k)
+        done = (tokens[0] == delimiter) | (tokens[0] < 0)
         while len(tokens) < sampled and not done.all():
             h = np.concatenate([h, self.embed(tokens[-1][:, None]).astype(h.dtype)], axis=1)
-            p = self._last_probs(h)
-            tokens.append(p.argmax(axis=-1).astype(np.int32))
-            probs.append(p.max(axis=-1))
-            done |= tokens[-1] == delimiter
+            nxt, prob, nodes = self._step(self._last_logits(h), nodes, vocab)
+            tokens.append(nxt)
+            probs.append(prob)
+            done |= nxt == delimiter
         pad = sampled - len(tokens)
         tokens = np.pad(np.stack(tokens, -1), ((0, 0), (0, pad)), constant_values=-1)
         probs = np.pad(np.stack(probs, -1), ((0, 0), (0, pad)), constant_values=1.0)
         return tokens.reshape(b, k, sampled), probs.reshape(b, k, sampled)
 
     def predict(
-        self, images: Sequence[Any], num_labels: int = 10, *, ranking_method: str = "prob", cache: bool = True
+        self,
+        images: Sequence[Any],
+        num_labels: int = 10,
+        *,
+        min_prob: float = 0.0,
+        vocab: Any = None,
+        ranking_method: str = "prob",
+        cache: bool = True,
     ) -> list[list[tuple[str, float]]]:
-        """Per image, at most `num_labels` (label, score) pairs, best first (`Tagger.predict`)."""
+        """Per image, at most `num_labels` (label, score) pairs scored at least `min_prob`, best first;
+        `vocab` constrains the labels to a closed vocabulary (`Tagger.predict`)."""
         if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
             raise TypeError("expected a sequence of images; wrap a single image in a list")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
+            raise ValueError(f"expected num_labels >= 1, found {num_labels!r}")
+        ranking.check_threshold(min_prob, ranking_method)
+        vocab = self.vocabulary(vocab)
         tok, images = self.tokenizer, list(images)
         table = np.asarray(self.embeddings, np.float32) if ranking_method == "sim" else None
         results = []
         for i in range(0, len(images), self.batch_size):
             pixels = self.preprocess(images[i : i + self.batch_size])
-            tokens, probs = self.sample(pixels, num_labels, cache=cache)
+            tokens, probs = self.sample(pixels, num_labels, cache=cache, vocab=vocab)
             image_tokens = self.image_tokens(pixels).astype(np.float32) if table is not None else [None] * len(pixels)
             for t, p, img in zip(tokens, probs, image_tokens):
                 groups = ranking.groups_from_branches(t, p, tok.delimiter_id)
-                results.append(ranking.rank(groups, tok, ranking_method, image_tokens=img, embeddings=table)[:num_labels])
+                ranked = ranking.rank(groups, tok, ranking_method, image_tokens=img, embeddings=table)
+                results.append(ranking.threshold(ranked, num_labels, min_prob))
         return results
