@@ -1,5 +1,6 @@
 """The config files: they load, lock, validate, and hold the paper's recipe."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -117,7 +118,39 @@ def test_main_fails_fast_on_a_missing_init_checkpoint(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_config_overrides_on_the_command_line_are_typed(tmp_path):
+# Parses a command line with nxtp_jax.main's own flags and prints the overridden fields' types.
+PARSE_MAIN_FLAGS = """
+import json, sys
+from absl import flags
+from nxtp_jax import main
+try:
+    flags.FLAGS(sys.argv)
+except flags.Error as e:
+    sys.exit(f"rejected: {e}")
+c = main._CONFIG.value
+print(json.dumps([[type(v).__name__, v] for v in (c.optim.lr, c.total_steps, c.prompt_augmentation)]))
+"""
+
+
+def parse_main_flags(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", PARSE_MAIN_FLAGS, "--config=configs/demo.py", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_config_overrides_on_the_command_line_are_typed():
+    ok = parse_main_flags("--config.optim.lr=3", "--config.total_steps=7", "--config.prompt_augmentation=true")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == [["float", 3.0], ["int", 7], ["bool", True]]
+    bad = parse_main_flags("--config.total_steps=1.5")
+    assert bad.returncode != 0 and "--config.total_steps=1.5" in bad.stderr, bad.stderr
+
+
+def test_unknown_config_field_on_the_command_line_is_rejected(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "nxtp_jax.main", "--config=configs/demo.py", "--config.optim.lrr=1", f"--workdir={tmp_path}"],
         cwd=REPO,

@@ -21,12 +21,10 @@ def prefix_mask(num_image_tokens: int, length: int) -> jax.Array:
     return mask[None, None]
 
 
-def label_mask(
-    tokens: jax.Array, answer_pos: jax.Array, *, delimiter_id: int, num_image_tokens: int
-) -> jax.Array:
-    """bool [B, 1, N+L, N+L] training mask for text `tokens` [B, L] (pad -1) and `answer_pos` [B].
+def _delimiters(tokens, answer_pos, delimiter_id: int, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The preamble of both masks: positions [T], `a` [B, 1] and the delimiters after it [B, T].
 
-    `answer_pos` indexes `tokens` (the last prompt token); delimiters count only after it.
+    Positions are full-sequence coordinates (N image tokens first, T = N + L).
     """
     tokens = jnp.asarray(tokens)
     answer_pos = jnp.asarray(answer_pos)
@@ -35,14 +33,23 @@ def label_mask(
             f"expected tokens [B, L] and answer_pos [B], found {tokens.shape} and "
             f"{answer_pos.shape}; pass one answer position per sample"
         )
-    n = num_image_tokens
     batch, text_len = tokens.shape
-    length = n + text_len
-    pos = jnp.arange(length)
-    a = (answer_pos.astype(jnp.int32) + n)[:, None]  # [B, 1], in full-sequence coordinates
-
+    pos = jnp.arange(n + text_len)
+    a = (answer_pos.astype(jnp.int32) + n)[:, None]
     is_delim = (tokens == delimiter_id) & (pos[None, n:] > a)
-    is_delim = jnp.concatenate([jnp.zeros((batch, n), dtype=bool), is_delim], axis=1)  # [B, T]
+    is_delim = jnp.concatenate([jnp.zeros((batch, n), dtype=bool), is_delim], axis=1)
+    return pos, a, is_delim
+
+
+def label_mask(
+    tokens: jax.Array, answer_pos: jax.Array, *, delimiter_id: int, num_image_tokens: int
+) -> jax.Array:
+    """bool [B, 1, N+L, N+L] training mask for text `tokens` [B, L] (pad -1) and `answer_pos` [B].
+
+    `answer_pos` indexes `tokens` (the last prompt token); delimiters count only after it.
+    """
+    n = num_image_tokens
+    pos, a, is_delim = _delimiters(tokens, answer_pos, delimiter_id, n)
 
     # Block start of a row = one past the closest delimiter strictly before it, else a.
     after_delim = jnp.where(is_delim, pos[None, :] + 1, a)
@@ -69,13 +76,9 @@ def generation_mask(
     delimiter, the rows after d_i lose the columns [a, d_i]. A label being generated thus
     sees the one before it but none earlier, and no row past the first label sees `a`.
     """
-    tokens = jnp.asarray(tokens)
     n = num_image_tokens
-    batch, text_len = tokens.shape
-    pos = jnp.arange(n + text_len)
-    a = (jnp.asarray(answer_pos).astype(jnp.int32) + n)[:, None]
-    is_delim = (tokens == delimiter_id) & (pos[None, n:] > a)
-    is_delim = jnp.concatenate([jnp.zeros((batch, n), dtype=bool), is_delim], axis=1)
+    pos, a, is_delim = _delimiters(tokens, answer_pos, delimiter_id, n)
+    batch = is_delim.shape[0]
     later = jax.lax.cummax(is_delim[:, ::-1].astype(jnp.int32), axis=1)[:, ::-1]  # a delimiter at or after p
     has_later = jnp.concatenate([later[:, 1:], jnp.zeros((batch, 1), jnp.int32)], axis=1) > 0
     closing = is_delim & has_later
