@@ -3,7 +3,8 @@
     NxtpError          the base; its message says what was expected, what was found, what to do
       CheckpointError  a checkpoint directory or workdir that cannot be read (config.json, tokenizer, params)
       WorkdirError     a workdir that cannot be used: unwritable, locked by another run, another model
-    (and, elsewhere: ConfigError, WeightImportError, BadImageError, all ValueErrors)
+      WeightImportError  a source checkpoint the converter cannot import
+    (and, elsewhere: ConfigError, BadImageError, all ValueErrors)
 
 `python -m nxtp_jax.main`, `python -m nxtp_jax.infer` and `convert/*.py` print
 `error: <message>` for these, and for ValueError / OSError, and exit 1; `--verbose`
@@ -26,6 +27,10 @@ class CheckpointError(NxtpError, ValueError):
 
 class WorkdirError(NxtpError):
     """A training workdir that this run cannot use."""
+
+
+class WeightImportError(NxtpError, ValueError):
+    """A source checkpoint does not match what the importer expects."""
 
 
 # What the entry points print as one line instead of a traceback.

@@ -17,6 +17,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from nxtp_jax.errors import WeightImportError
+from nxtp_jax.weights.torchscript import read_state_dict
+
 
 def _torch():
     try:
@@ -31,8 +34,6 @@ def _torch():
 
 def _to_numpy(tensor: Any, key: str, where: str) -> np.ndarray:
     """A float tensor as float32 numpy; integer, complex or non-finite weights are refused, naming the tensor."""
-    from nxtp_jax.weights.tables import WeightImportError
-
     torch = _torch()
     if not tensor.is_floating_point():
         raise WeightImportError(
@@ -66,8 +67,6 @@ def is_torchscript(path: str | os.PathLike) -> bool:
 
 def load_torch(path: str | os.PathLike, what: str, *, torchscript: bool = False) -> Any:
     """The object in a torch file, read with weights_only; with `torchscript`, also a TorchScript archive's tensors."""
-    from nxtp_jax.weights.tables import WeightImportError
-
     path = require_file(path, what)
     torch = _torch()
     if is_torchscript(path):
@@ -76,8 +75,6 @@ def load_torch(path: str | os.PathLike, what: str, *, torchscript: bool = False)
                 f"expected {what} at {path}, found a TorchScript archive; only --clip takes one. "
                 "Pass the torch.save state dict (.pth / .bin) or a .safetensors file"
             )
-        from nxtp_jax.weights.torchscript import read_state_dict
-
         return read_state_dict(str(path))
     try:
         # mmap needs the zip format; legacy pickles are read whole.

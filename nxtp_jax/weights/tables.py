@@ -15,14 +15,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
-from nxtp_jax.errors import NxtpError
+from nxtp_jax.errors import WeightImportError
 from nxtp_jax.weights.sources import TensorSource
 
 Transform = Callable[[np.ndarray], np.ndarray]
-
-
-class WeightImportError(NxtpError, ValueError):
-    """A source checkpoint does not match what the importer expects."""
 
 
 def identity(x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import pickle
 import zipfile
 from typing import Any
 
-from nxtp_jax.weights.tables import WeightImportError
+from nxtp_jax.errors import WeightImportError
 
 
 class ModuleState:
