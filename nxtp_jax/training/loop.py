@@ -34,6 +34,7 @@ from nxtp_jax import checkpoint, experiment, prompts, sharding
 from nxtp_jax.training import optim, inputs as train_inputs, step as train_state
 from nxtp_jax.data import pipeline, registry, tar
 from nxtp_jax.models.config import ModelConfig
+from nxtp_jax.models.layers import Activations
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.errors import WorkdirError
 from nxtp_jax.training import workdir as workdir_guard
@@ -136,13 +137,17 @@ def prepare_tokenizer(config: config_dict.ConfigDict, workdir: epath.Path, shard
 # -- model and state --
 
 
-def build_model(config: config_dict.ConfigDict, model_cfg: ModelConfig) -> Recognizer:
+def build_model(config: config_dict.ConfigDict, model_cfg: ModelConfig, mesh=None) -> Recognizer:
+    """The training model; with a mesh, its activations are constrained by the config's logical_axis_rules."""
+    rules = tuple(tuple(r) for r in config.logical_axis_rules)
     return Recognizer(
         model_cfg,
         dtype=experiment.dtype(config.model.dtype),
         param_dtype=experiment.dtype(config.model.param_dtype),
         attention_impl=config.model.attention_impl or None,
         remat=config.model.remat,
+        activations=None if mesh is None else Activations(mesh, rules),
+        scan_layers=config.model.scan_layers,
     )
 
 
@@ -195,7 +200,7 @@ def setup(config: config_dict.ConfigDict, workdir: epath.Path, shards: list[str]
     mesh = experiment.make_mesh(config)
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
     tok = prepare_tokenizer(config, workdir, shards)
-    model = build_model(config, experiment.model_config(config, tok))
+    model = build_model(config, experiment.model_config(config, tok), mesh)
     schedule, make_tx = optim.from_config(config)
     state, frozen, tx = train_state.create(init_params(config, model, mesh, rules), tuple(config.trainable), make_tx, mesh)
     rows = experiment.embedding_row_ids(config, tok)
@@ -334,8 +339,10 @@ def train(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> TrainRe
 def _train(config: config_dict.ConfigDict, workdir: epath.Path) -> TrainResult:
     _sync("workdir")
     shards = prepare_data(config)
+    # Before the params exist, and before config.json is rewritten.
+    tok = prepare_tokenizer(config, workdir, shards)
+    workdir_guard.check_same_model(workdir, experiment.model_config(config, tok), list(config.trainable))
     s = setup(config, workdir, shards)
-    workdir_guard.check_same_model(workdir, s.model.config, list(config.trainable))
     if _is_main():
         checkpoint.write_training_meta(
             workdir,
