@@ -60,6 +60,9 @@ def get_config() -> config_dict.ConfigDict:
     c.model.param_dtype = "float32"  # master weights; the loss is always fp32
     c.model.attention_impl = ""  # "" (XLA) or "cudnn" (flash attention on NVIDIA GPUs)
     c.model.remat = False  # recompute decoder block activations in the backward pass
+    # One lax.scan over each tower's blocks: compile time stops growing with depth. Params,
+    # checkpoints and trainable patterns stay per layer (stacked inside the forward pass).
+    c.model.scan_layers = False
 
     c.tokenizer = config_dict.ConfigDict()
     c.tokenizer.path = ""  # sentencepiece model; "" = the init checkpoint's, or <workdir>/tokenizer.model
@@ -130,6 +133,7 @@ def get_config() -> config_dict.ConfigDict:
     c.eval.k = 10  # labels per image
     c.eval.strategy = "one_shot"  # one_shot | greedy | beam
     c.eval.ranking = "prob"  # prob | ppl | sim | none | clip
+    c.eval.vocab = ""  # closed vocabulary: a file with one label per line (constrained one-shot); "" = open
     c.eval.batch_size = 64  # images per forward pass (per host)
     c.eval.embedder = "minilm"  # metric embedder: minilm | exact | clip
     c.eval.clip_archive = ""  # OpenAI's ViT-L-14.pt, for ranking "clip" and embedder "clip"

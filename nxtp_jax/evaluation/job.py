@@ -86,7 +86,8 @@ class BatchPredictor:
     `launch` puts the batch on the mesh (split over the data axis) and dispatches the jitted
     decoding without waiting for it; `finish` waits, cuts the branches into labels and ranks
     them. `ranking="clip"` takes the model's labels in sampling order (`none`) and re-ranks
-    them with `reranker` (a `clip_rerank.ClipReranker`).
+    them with `reranker` (a `clip_rerank.ClipReranker`). `vocab` (a list of labels, a file
+    with one per line, or a `Vocabulary`) constrains one-shot sampling to a closed vocabulary.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class BatchPredictor:
         reranker: Any = None,
         seed: int = 0,
         decoder_kw: dict[str, Any] | None = None,
+        vocab: Any = None,
     ):
         if k < 1:
             raise ValueError(f"expected k >= 1 labels per image, found {k}")
@@ -115,6 +117,7 @@ class BatchPredictor:
         self.mesh = mesh if mesh is not None else sharding.one_device_mesh()
         self.reranker = reranker
         self.decoder_kw = dict(decoder_kw or {})
+        self.vocab = tagger.vocabulary(vocab)
         self._key = jax.random.key(seed)
         self._batch_sharding = sharding.batch_sharding(self.mesh)
         self.batch_multiple = self._batch_sharding.num_devices // self.mesh.shape["tensor"]
@@ -129,7 +132,7 @@ class BatchPredictor:
             )
         x = _normalize(jax.device_put(images, self._batch_sharding))
         self._key, sub = jax.random.split(self._key)
-        out = self.tagger.sample(x, self.k, strategy=self.strategy, key=sub, **self.decoder_kw)
+        out = self.tagger.sample(x, self.k, strategy=self.strategy, key=sub, vocab=self.vocab, **self.decoder_kw)
         if self.reranker is not None:
             out["clip_images"] = self.reranker.image_features(x)
         return out
@@ -373,7 +376,14 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
             )
         reranker = clip_rerank.ClipReranker(clip_archive, mesh=mesh)
     predictor = BatchPredictor(
-        tagger, k=cfg.k, strategy=cfg.strategy, ranking_method=cfg.ranking, mesh=mesh, reranker=reranker, seed=config.seed
+        tagger,
+        k=cfg.k,
+        strategy=cfg.strategy,
+        ranking_method=cfg.ranking,
+        mesh=mesh,
+        reranker=reranker,
+        seed=config.seed,
+        vocab=cfg.vocab or None,
     )
     loader = eval_inputs.build_loader(
         config, cfg.dataset, image_size=tagger.image_size, batch_size=cfg.batch_size
@@ -397,6 +407,8 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
         "k": cfg.k,
         "strategy": cfg.strategy,
         "ranking": cfg.ranking,
+        "vocab": cfg.vocab,
+        **({"in_vocab": in_vocabulary(records, predictor.vocab)} if predictor.vocab is not None else {}),
         "checkpoint": str(ckpt),
         "step": step,
         "embedder": embedder,
@@ -413,15 +425,22 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
     return summary
 
 
+def in_vocabulary(records: Sequence[dict[str, Any]], vocab: Any) -> float:
+    """The fraction of predicted labels that are entries of `vocab` (1.0 when nothing was predicted)."""
+    labels = [label for record in records for label, _ in record["predictions"]]
+    return sum(label in vocab for label in labels) / len(labels) if labels else 1.0
+
+
 def _report(summary: dict[str, Any], records: Sequence[dict[str, Any]], unreadable: Sequence[dict[str, Any]], examples: int) -> None:
     for record in records[:examples]:
         labels = ", ".join(f"{label} ({score:.2f})" for label, score in record["predictions"])
         print(f"{record['path']}: targets [{', '.join(record['targets'])}] -> {labels}", flush=True)
     t = summary["timing_process0"]
     note = f" [{summary['embedder_note']}]" if "embedder_note" in summary else ""
+    vocab = f", vocab {summary['vocab']} ({summary['in_vocab']:.1%} of labels in it)" if summary.get("vocab") else ""
     print(
         f"eval {summary['dataset']} (top-{summary['k']}, {summary['strategy']}, {summary['ranking']}, "
-        f"embedder {summary['embedder']}{note}): {summary['num_images']} images, "
+        f"embedder {summary['embedder']}{note}{vocab}): {summary['num_images']} images, "
         f"R {summary['recall']:.4f}  P {summary['precision']:.4f}  F1 {summary['f1']:.4f}  "
         f"(process 0: {t['images_per_s']:.1f} img/s; model {t['model_s']:.1f} s, metric {t['metric_s']:.1f} s, "
         f"data {t['data_s']:.1f} s of {t['total_s']:.1f} s)",

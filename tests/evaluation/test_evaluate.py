@@ -214,3 +214,18 @@ def test_batch_predictor_equals_tagger_predict(setup, strategy, ranking):
     for g, e in zip(got, expected):
         assert [label for label, _ in g.labels] == [label for label, _ in e]
         np.testing.assert_allclose([s for _, s in g.labels], [s for _, s in e], rtol=1e-4, atol=1e-6)
+
+
+def test_eval_vocab_constrains_every_prediction_as_tagger_predict_does(setup, tmp_path):
+    vocab = ["dog", "cloud", "red circle", "sky"]
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    summary = evaluate.evaluate(make_config(setup, vocab=str(path), max_images=4), tmp_path, progress=False)
+    records = read_jsonl(tmp_path / "eval_tiny_val.jsonl")
+    assert summary["vocab"] == str(path) and summary["in_vocab"] == 1.0
+    assert all(label in vocab for r in records for label, _ in r["predictions"])
+    crops = [preprocess.resize_center_crop(Image.fromarray(setup["images"][i]), IMAGE_SIZE) for i in range(4)]
+    predicted = Tagger.load(setup["ckpt"]).predict(crops, K, vocab=vocab)
+    for record, pred in zip(records, predicted):
+        assert [label for label, _ in record["predictions"]] == [label for label, _ in pred]
+        np.testing.assert_allclose([s for _, s in record["predictions"]], [s for _, s in pred], rtol=1e-4, atol=1e-7)

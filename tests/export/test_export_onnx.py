@@ -177,6 +177,38 @@ def test_runner_recompute_flag(ended, images, ort_python):
     assert_same_predictions(infer_json(ort_python, args + ["--no_cache"]), infer_json(ort_python, args), atol=1e-6)
 
 
+VOCAB = ["red", "red circle", "blue circle", "cat", "car", "cloud", "sky", "green tree", "zebra", "zebu"]
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "recompute"])
+def test_constrained_predictions_equal_tagger(capped, images, cache):
+    """With a closed vocabulary the runner's numpy trie steps give the JAX loop's labels and scores."""
+    ckpt, onnx_dir = capped
+    got = OrtTagger(onnx_dir, batch_size=2).predict(images, 4, vocab=VOCAB, cache=cache)
+    want = Tagger.load(ckpt).predict(images, 4, vocab=VOCAB)
+    assert [[label for label, _ in r] for r in got] == [[label for label, _ in r] for r in want]
+    assert all(len(r) == 4 and all(label in VOCAB for label, _ in r) for r in got)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose([s for _, s in g], [s for _, s in w], rtol=1e-4, atol=1e-6)
+
+
+def test_runner_vocab_and_min_prob_flags_print_what_nxtp_infer_prints(ended, images, ort_python, tmp_path):
+    ckpt, onnx_dir, _ = ended
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    flags = ["--num_labels", 5, "--min_prob", 0.05, "--vocab", vocab, "--json"]
+    got = infer_json(ort_python, [RUNNER, "--onnx_dir", onnx_dir, *flags, *images])
+    want = infer_json(
+        sys.executable,
+        ["-m", "nxtp_jax.infer", f"--ckpt={ckpt}", "--num_labels=5", "--min_prob=0.05", f"--vocab={vocab}", "--json", *images],
+    )
+    assert_same_predictions(got, want)
+    labels = [entry for g in got for entry in g["labels"]]
+    assert labels and all(entry["label"] in VOCAB and entry["prob"] >= 0.05 for entry in labels)
+    bad = run([RUNNER, "--onnx_dir", onnx_dir, "--min_prob", 2, images[0]], python=ort_python)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == ["error: expected min_prob in [0, 1], found 2.0"]
+
+
 def test_float16_weights_match_jax_with_float16_weights(tmp_path, ended, images):
     ckpt, _, _ = ended
     export(ckpt, tmp_path / "onnx", "--dtype", "float16")
