@@ -183,6 +183,8 @@ def validate(config: config_dict.ConfigDict, *, process_count: int | None = None
             all(t is None or t in MESH_AXES for t in targets),
             f"logical_axis_rules: {name!r} maps to {target!r}; expected mesh axes from {MESH_AXES} or None",
         )
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -261,6 +263,21 @@ def _check_training(config, need, process_count, device_count) -> None:
         f"{config.grad_accum_steps} x {batch_shards} and of the {processes} processes",
     )
     need(config.epochs > 0 or config.total_steps > 0, "epochs / total_steps: expected one of them > 0")
+    need(config.epochs >= 0, f"epochs: expected >= 0, found {config.epochs}")
+    need(config.total_steps >= 0, f"total_steps: expected >= 0 (0 = derive from epochs), found {config.total_steps}")
+    o = config.optim
+    need(o.lr > 0, f"optim.lr: expected > 0, found {o.lr}")
+    need(o.lr_min >= 0, f"optim.lr_min: expected >= 0, found {o.lr_min}")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps: expected >= 0, found {o.warmup_steps}")
+    need(0 <= o.warmup_ratio <= 1, f"optim.warmup_ratio: expected between 0 and 1, found {o.warmup_ratio}")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1, optim.b2: expected in [0, 1), found {o.b1}, {o.b2}")
+    need(o.eps > 0, f"optim.eps: expected > 0, found {o.eps}")
+    need(o.weight_decay >= 0, f"optim.weight_decay: expected >= 0, found {o.weight_decay}")
+    need(o.grad_clip >= 0, f"optim.grad_clip: expected >= 0 (0 = none), found {o.grad_clip}")
+    need(config.max_seq_len > 0, f"max_seq_len: expected > 0, found {config.max_seq_len}")
+    need(config.eval.k >= 1, f"eval.k: expected >= 1 (labels per image), found {config.eval.k}")
+    need(config.eval.batch_size >= 1, f"eval.batch_size: expected >= 1, found {config.eval.batch_size}")
+    need(config.eval.max_images >= 0, f"eval.max_images: expected >= 0 (0 = all), found {config.eval.max_images}")
     need(config.stop_at_step >= 0, f"stop_at_step: expected >= 0, found {config.stop_at_step}")
     need(config.log_every_steps >= 1, f"log_every_steps: expected >= 1, found {config.log_every_steps}")
     need(config.checkpoint.save_interval_steps >= 1, "checkpoint.save_interval_steps: expected >= 1")
