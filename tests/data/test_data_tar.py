@@ -146,3 +146,18 @@ def test_resume_from_offset(tmp_path):
         assert (first.key, second.key, second.index) == ("k0", "k1", 1)
     finally:
         fd.close()
+
+
+def test_shard_file_ranged_reads_match_the_bytes_across_buffer_refills(tmp_path):
+    data = bytes(range(256)) * 40  # 10240 bytes
+    path = tmp_path / "raw.tar"
+    path.write_bytes(data)
+    f = T.ShardFile(str(path), buffer_size=1000)
+    try:
+        assert f.size == len(data)
+        # Forward and backward jumps, reads straddling the buffer's end, reads larger than the
+        # buffer, and reads cut by the end of the file (short, like os.pread).
+        for n, offset in [(512, 0), (512, 512), (100, 950), (10, 3), (2500, 4000), (700, 9900), (0, 10240), (5, 10240)]:
+            assert f.pread(n, offset) == data[offset : offset + n], (n, offset)
+    finally:
+        f.close()
