@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from nxtp_jax import errors
+from nxtp_jax.inference import ranking
 from nxtp_jax.inference.formatting import format_json, format_text, image_error
 
 CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory (from convert/from_torch.py or training).", required=True)
@@ -26,6 +27,10 @@ NUM_LABELS = flags.DEFINE_integer("num_labels", 10, "k of the one-shot sampling:
 JSON = flags.DEFINE_bool("json", False, "Print JSON instead of the original's text lines.")
 RANKING = flags.DEFINE_enum("ranking", "prob", ["prob", "ppl", "sim", "none"], "How labels are ranked.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
+MIN_PROB = flags.DEFINE_float("min_prob", 0.0, "Drop labels scored below this probability (ranking 'prob').")
+VOCAB = flags.DEFINE_string(
+    "vocab", None, "A closed vocabulary, one label per line: decoding is constrained to its labels (docs/tagging.md)."
+)
 VERBOSE = errors.verbose_flag()
 ATTENTION_DIR = flags.DEFINE_string(
     "save_attention_maps", None, "Directory for per-layer/per-head image-token attention grids (PNG)."
@@ -71,6 +76,12 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(1)
 
 
+def load_vocabulary(tagger):
+    """--vocab as a checked `Vocabulary` built once (None without it); --min_prob checked before any image is read."""
+    ranking.check_threshold(MIN_PROB.value, RANKING.value)
+    return tagger.vocabulary(VOCAB.value)
+
+
 def tag(paths: list[str]) -> int:
     """Tags every readable image; prints one error line (or JSON entry) per other one; returns how many failed."""
     from nxtp_jax.inference.tagger import Tagger
@@ -78,10 +89,15 @@ def tag(paths: list[str]) -> int:
     if not paths:
         raise app.UsageError("give at least one image path")
     tagger = Tagger.load(CKPT.value, batch_size=BATCH_SIZE.value)
+    vocab = load_vocabulary(tagger)
     start = time.perf_counter()
     exists = [pathlib.Path(p).is_file() for p in paths]
     found = [p for p, e in zip(paths, exists) if e]
-    tagged = iter(tagger.predict(found, num_labels=NUM_LABELS.value, ranking_method=RANKING.value, errors="return"))
+    tagged = iter(
+        tagger.predict(
+            found, num_labels=NUM_LABELS.value, min_prob=MIN_PROB.value, vocab=vocab, ranking_method=RANKING.value, errors="return"
+        )
+    )
     results = [next(tagged) if e else FileNotFoundError(f"{p}: image file not found") for p, e in zip(paths, exists)]
     logging.info("inference time: %.3fs for %d image(s)", time.perf_counter() - start, len(paths))
     failed = [(p, r) for p, r in zip(paths, results) if isinstance(r, Exception)]

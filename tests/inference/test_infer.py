@@ -60,6 +60,25 @@ def test_cli_text_and_attention_maps(tiny_ckpt, image_paths, tmp_path):
     assert len(pngs) == 2 * 4  # layers x heads of the tiny decoder
 
 
+def test_cli_vocab_and_min_prob_match_tagger(tiny_ckpt, image_paths, tmp_path):
+    vocab = ["red", "red circle", "sky", "cloud", "cat", "car"]
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    want = Tagger.load(tiny_ckpt).predict(image_paths, num_labels=4, vocab=vocab)
+    scores = sorted(p for labels in want for _, p in labels)
+    cut = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2  # halfway between two scores
+    res = _run(f"--ckpt={tiny_ckpt}", "--num_labels=4", f"--vocab={path}", f"--min_prob={cut!r}", "--json", *image_paths)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for o, w in zip(out, want):
+        assert [x["label"] for x in o["labels"]] == [label for label, p in w if p >= cut]
+        assert all(x["label"] in vocab and x["prob"] >= cut for x in o["labels"])
+    assert 0 < sum(len(o["labels"]) for o in out) < sum(map(len, want))
+
+    bad = _run(f"--ckpt={tiny_ckpt}", "--min_prob=1.5", image_paths[0])
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "error: expected min_prob in [0, 1], found 1.5"
+
+
 def test_cli_missing_image(tiny_ckpt, tmp_path):
     res = _run(f"--ckpt={tiny_ckpt}", str(tmp_path / "nope.jpg"))
     assert res.returncode != 0 and "not found" in res.stderr
