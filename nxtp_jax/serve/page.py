@@ -1,0 +1,31 @@
+"""The web page at `/`: plain HTML, JS and CSS shipped in the package (no CDN, works offline)."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/page.js": ("page.js", "text/javascript; charset=utf-8"),
+    "/static/page.css": ("page.css", "text/css; charset=utf-8"),
+}
+
+
+def _read(name: str) -> bytes:
+    return importlib.resources.files("nxtp_jax.serve").joinpath("static", name).read_bytes()
+
+
+def routes() -> list[Route]:
+    def serve(name: str, media_type: str):
+        body = _read(name)  # read once at start-up
+
+        async def endpoint(request: Request) -> Response:
+            return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+        return endpoint
+
+    return [Route(path, serve(name, media), methods=["GET"]) for path, (name, media) in FILES.items()]
