@@ -17,8 +17,8 @@ import sys
 from typing import Sequence, TextIO
 
 from nxtp_jax.data.registry import find_shards
-from nxtp_jax.data.samples import RawSample, Skip, decode_sample
-from nxtp_jax.data.tar import ShardOpenError, TarFormatError, read_bytes, walk
+from nxtp_jax.data.samples import Skip, broken_sample, decode_sample, read_sample
+from nxtp_jax.data.tar import ShardOpenError, TarFormatError, walk
 
 
 class NotATarShard(Exception):
@@ -39,13 +39,9 @@ def check_shard(shard: str) -> tuple[int, list[Skip]]:
                         f"not a readable tar shard: {group}; expected a WebDataset .tar "
                         "(an uncompressed tar: unpack .tar.gz first), repack or remove it"
                     )
-                raw = RawSample("", shard, {}, problem=(group.kind, group.member or f"@{group.offset}", str(group)))
+                raw = broken_sample(group)
             else:
-                try:
-                    members = {ext: read_bytes(fd, m) for ext, m in group.members.items()}
-                    raw = RawSample(group.key, shard, members)
-                except TarFormatError as e:
-                    raw = RawSample(group.key, shard, {}, problem=(e.kind, e.member, str(e)))
+                raw = read_sample(fd, group.key, group.members)
             result = decode_sample(raw, image_size=None, label_source="none")
             if isinstance(result, Skip):
                 problems.append(result)

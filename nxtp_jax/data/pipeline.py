@@ -23,10 +23,10 @@ import grain
 import numpy as np
 
 from nxtp_jax.choices import LABEL_SOURCES
-from nxtp_jax.data.samples import RawSample, Skip, decode_sample
+from nxtp_jax.data.samples import RawSample, Skip, broken_sample, decode_sample, read_sample
 from nxtp_jax.data.skips import SkipCountingIterDataset, skip_fields
 from nxtp_jax.data.stream import TarStreamIterDataset
-from nxtp_jax.data.tar import TarFormatError, open_shard, read_bytes, walk
+from nxtp_jax.data.tar import TarFormatError, open_shard, walk
 
 SampleTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -180,16 +180,12 @@ class _EvalSource:
         shard_index, key, members = self.samples[j]
         shard = self.shards[shard_index]
         if isinstance(members, TarFormatError):
-            return RawSample(key, shard, {}, 0, (members.kind, members.member or key, str(members)))
+            return broken_sample(members)
         files = self._local.__dict__.setdefault("files", {})
         fd = files.get(shard_index)
         if fd is None:
             fd = files[shard_index] = open_shard(shard)[0]
-        try:
-            data = {ext: read_bytes(fd, m) for ext, m in members.items()}
-        except TarFormatError as e:
-            return RawSample(key, shard, {}, 0, (e.kind, e.member, str(e)))
-        return RawSample(key, shard, data, 0)
+        return read_sample(fd, key, members)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_local"}

@@ -8,25 +8,46 @@ from typing import Any, Mapping, Sequence
 from etils import epath
 
 
-def _tars_under(directory: epath.Path) -> list[str]:
+def _real(path: epath.Path) -> str:
+    """A local path with its symlinks resolved; a remote one (gs://...) as it is."""
+    text = os.fspath(path)
+    return text if "://" in text else os.path.realpath(text)
+
+
+def _tars_under(directory: epath.Path, seen: set[str]) -> list[str]:
     # Not epath's walk(): on fsspec backends it drops the gs:// scheme from the roots it yields.
+    # A directory reached again through a symlink (a cycle, or two links to one folder) is
+    # walked once.
+    real = _real(directory)
+    if real in seen:
+        return []
+    seen.add(real)
     found: list[str] = []
-    for child in directory.iterdir():
+    for child in sorted(directory.iterdir()):
         if child.is_dir():
-            found += _tars_under(child)
+            found += _tars_under(child, seen)
         elif child.name.endswith(".tar"):
             found.append(os.fspath(child))
     return found
 
 
 def find_shards(path: str | os.PathLike) -> list[str]:
-    """A `.tar` file itself, or every `*.tar` under a directory (recursively, sorted); local or any epath backend (gs://...)."""
+    """A `.tar` file itself, or every `*.tar` under a directory (recursively, sorted); local or any epath backend (gs://...).
+
+    Symlinks are followed, each directory once, and a shard reachable by several paths is
+    listed once (under the first path found), so no shard is read twice per epoch.
+    """
     path = os.fspath(path)
     if epath.Path(path).is_file():
         return [path]
     if not epath.Path(path).is_dir():
         raise FileNotFoundError(f"expected a .tar shard or a directory of them, found nothing at {path!r}")
-    shards = sorted(_tars_under(epath.Path(path)))
+    shards, reals = [], set()
+    for shard in sorted(_tars_under(epath.Path(path), set())):
+        real = _real(epath.Path(shard))
+        if real not in reals:
+            reals.add(real)
+            shards.append(shard)
     if not shards:
         raise FileNotFoundError(f"expected *.tar shards under {path!r}, found none; see docs/data.md to pack some")
     return shards

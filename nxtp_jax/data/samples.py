@@ -10,22 +10,24 @@ import numpy as np
 
 from nxtp_jax.choices import LABEL_SOURCES
 from nxtp_jax.data import preprocess
-from nxtp_jax.data.tar import CAPTION_EXT, IMAGE_EXTS, JSON_EXT
+from nxtp_jax.data.tar import CAPTION_EXT, IMAGE_EXTS, JSON_EXT, ShardFile, TarFormatError, TarMember, read_bytes
 
 # Every reason a sample can be skipped. Elements carry one count per kind, so the set is
 # fixed: batches then have the same structure whatever went wrong.
 SKIP_KINDS = (
-    "corrupt_tar",  # a tar header with a bad checksum or type; the rest of the shard is lost
+    "corrupt_tar",  # a tar header that fails a check (checksum, size, type, pax record); the rest of the shard is lost
     "truncated_tar",  # a member or header cut by the end of the file
+    "compressed_tar",  # a gzip/bzip2/xz/zstd/zip file where a plain tar was expected
     "missing_image",
     "missing_caption",
-    "empty_image",  # a zero-byte image member or a 0-pixel image
-    "undecodable",  # image bytes PIL cannot decode
-    "bomb",  # image header above preprocess.MAX_IMAGE_PIXELS
+    *preprocess.ERROR_KINDS,  # the image's: not_an_image, truncated_image, too_large
+    "text_too_large",  # a txt or json member above MAX_TEXT_BYTES, left unread
     "bad_caption",  # caption bytes that are not UTF-8
     "empty_caption",  # caption that is empty or whitespace only
     "bad_json",  # json member that does not parse, or whose "labels" is not a list of strings
 )
+# Captions and json above this are not captions: they are skipped unread.
+MAX_TEXT_BYTES = 1 << 20
 
 
 
@@ -38,6 +40,30 @@ class RawSample:
     members: dict[str, bytes]
     epoch: int = 0
     problem: tuple[str, str, str] | None = None  # (kind, member, message)
+
+
+def read_sample(fd: ShardFile, key: str, members: dict[str, TarMember], epoch: int = 0) -> RawSample:
+    """The bytes of a sample's `members`, or a RawSample carrying the problem: a txt/json member
+    above MAX_TEXT_BYTES or an image above preprocess.MAX_IMAGE_BYTES (left unread), or a cut member."""
+    for ext, member in members.items():
+        limit, kind = (
+            (MAX_TEXT_BYTES, "text_too_large") if ext in (CAPTION_EXT, JSON_EXT)
+            else (preprocess.MAX_IMAGE_BYTES, "too_large") if ext in IMAGE_EXTS
+            else (None, "")
+        )
+        if limit is not None and member.size > limit:
+            why = f"{member.name} has {member.size} bytes, above the {limit}-byte limit for .{ext} members; skipped unread"
+            return RawSample(key, fd.path, {}, epoch, (kind, member.name, why))
+    try:
+        data = {ext: read_bytes(fd, m) for ext, m in members.items()}
+    except TarFormatError as e:
+        return RawSample(key, fd.path, {}, epoch, (e.kind, e.member, str(e)))
+    return RawSample(key, fd.path, data, epoch)
+
+
+def broken_sample(e: TarFormatError, epoch: int = 0) -> RawSample:
+    """The stand-in for the rest of a shard after a TarFormatError: one skip of its kind."""
+    return RawSample(f"@{e.offset}", e.shard, {}, epoch, (e.kind, e.member or f"@{e.offset}", str(e)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +121,7 @@ def decode_sample(
             return Skip("bad_json", f"{where}.json", f"json is unusable: {e}")
     try:
         img = preprocess.load_image(raw.members[image_ext])
-    except preprocess.BadImageError as e:
+    except preprocess.ImageError as e:
         return Skip(e.kind, f"{where}.{image_ext}", str(e))
     if image_size is None:
         image = np.asarray(img, dtype=np.uint8)

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from nxtp_jax.data.samples import RawSample
-from nxtp_jax.data.tar import SampleGroup, TarFormatError, open_shard, read_bytes, read_group
+from nxtp_jax.data.samples import RawSample, broken_sample, read_sample
+from nxtp_jax.data.tar import TarFormatError, open_shard, read_group
 
 _EPOCH_END = object()
 
@@ -60,23 +60,15 @@ class _OpenUnit:
                 self.done = True
                 if index % self.parts != self.part:
                     return None
-                problem = (e.kind, e.member or f"@{e.offset}", str(e))
-                return RawSample(f"@{e.offset}", self.shard, {}, epoch, problem)
+                return broken_sample(e, epoch)
             if group is None:
                 self.done = True
                 return None
             self.offset = group.next_offset
             self.index = index + 1
             if index % self.parts == self.part:
-                return self._read(group, epoch)
+                return read_sample(self.fd, group.key, group.members, epoch)
         return None
-
-    def _read(self, group: SampleGroup, epoch: int) -> RawSample:
-        try:
-            members = {ext: read_bytes(self.fd, m) for ext, m in group.members.items()}
-        except TarFormatError as e:
-            return RawSample(group.key, self.shard, {}, epoch, (e.kind, e.member, str(e)))
-        return RawSample(group.key, self.shard, members, epoch)
 
 
 class TarStreamIterDataset(grain.IterDataset):

@@ -61,7 +61,7 @@ class ClassificationRecord:
         key = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
         try:
             img = preprocess.load_image(record[self.image_key])
-        except preprocess.BadImageError as e:
+        except preprocess.ImageError as e:
             return Skip(e.kind, key, str(e))
         return {
             "image": preprocess.resize_center_crop(img, self.image_size),

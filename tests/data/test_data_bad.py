@@ -12,10 +12,11 @@ import zlib
 
 import numpy as np
 import pytest
+from hang_guard import hang_guard
 from PIL import Image
 
 from nxtp_jax.data import check, pipeline
-from nxtp_jax.data.samples import SKIP_KINDS
+from nxtp_jax.data.samples import MAX_TEXT_BYTES, SKIP_KINDS
 from nxtp_jax.data.skips import skip_summary
 from nxtp_jax.data.tar import ShardOpenError
 from nxtp_jax.data.writer import write_shard
@@ -26,6 +27,12 @@ SIZE = 8
 def jpeg(value: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((40, 40, 3), value, np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def noisy_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
     return buf.getvalue()
 
 
@@ -45,10 +52,13 @@ def good(key, value):
 BAD_SAMPLES = [
     ("noimage", {"txt": b"caption"}, "missing_image"),
     ("nocaption", {"jpg": jpeg(1)}, "missing_caption"),
-    ("zerobytes", {"jpg": b"", "txt": b"caption"}, "empty_image"),
-    ("garbage", {"jpg": b"not a jpeg at all", "txt": b"caption"}, "undecodable"),
-    ("halfjpeg", {"jpg": jpeg(2)[:300], "txt": b"caption"}, "undecodable"),
-    ("bomb", {"png": png_bomb(), "txt": b"caption"}, "bomb"),
+    ("zerobytes", {"jpg": b"", "txt": b"caption"}, "not_an_image"),
+    ("garbage", {"jpg": b"not a jpeg at all", "txt": b"caption"}, "not_an_image"),
+    ("jpegheader", {"jpg": jpeg(2)[:300], "txt": b"caption"}, "not_an_image"),
+    ("halfjpeg", {"jpg": noisy_jpeg()[:2000], "txt": b"caption"}, "truncated_image"),
+    ("bomb", {"png": png_bomb(), "txt": b"caption"}, "too_large"),
+    ("hugecaption", {"jpg": jpeg(7), "txt": b"x" * (MAX_TEXT_BYTES + 1)}, "text_too_large"),
+    ("hugejson", {"jpg": jpeg(8), "txt": b"caption", "json": b" " * (MAX_TEXT_BYTES + 1)}, "text_too_large"),
     ("latin1", {"jpg": jpeg(3), "txt": "café".encode("latin-1")}, "bad_caption"),
     ("blank", {"jpg": jpeg(4), "txt": b"  \n "}, "empty_caption"),
     ("badjson", {"jpg": jpeg(5), "txt": b"caption", "json": b"{not json"}, "bad_json"),
@@ -229,3 +239,47 @@ def test_check_cli_strict_exits_one_when_a_sample_was_skipped(tmp_path):
     os.makedirs(os.path.dirname(clean))
     write_shard(clean, [good("k1", 1)])
     assert check.main(["--strict", clean], out=io.StringIO()) == 0
+
+
+def lying_pax_shard(path, size):
+    """A good sample, then a member whose pax header says `size` (at byte 2560), then more samples."""
+    good_key, members = good("before", 50)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        entries = [(f"{good_key}.{ext}", data) for ext, data in members.items()]
+        entries += [("liar.txt", b"cap"), ("after.txt", b"x")]
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if name == "liar.txt":
+                info.pax_headers = {"size": size}
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_check_cli_reports_a_lying_pax_size_and_moves_on_to_the_next_shard(tmp_path):
+    # The issue's case: a negative pax size made the checker loop forever.
+    liar = lying_pax_shard(tmp_path / "a.tar", "-1536")
+    write_shard(tmp_path / "b.tar", [good("k1", 1), good("k2", 2)])
+    proc = subprocess.run(
+        [sys.executable, "-m", "nxtp_jax.data.check", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    lines = proc.stdout.splitlines()
+    assert f"{liar}: valid=1 skipped=1" in lines, proc.stdout + proc.stderr
+    (problem,) = [line for line in lines if "corrupt_tar" in line]
+    assert f"{liar}: byte " in problem and "pax size b'-1536'" in problem and "rest of the shard" in problem
+    assert f"{tmp_path / 'b.tar'}: valid=2 skipped=0" in lines
+    assert lines[-1] == "valid=3 skipped=1 shards=2"
+
+
+@pytest.mark.parametrize("size", ["-1536", "abc"])
+def test_training_skips_the_rest_of_a_shard_with_a_lying_pax_size_and_keeps_going(tmp_path, size):
+    liar = lying_pax_shard(tmp_path / "a.tar", size)
+    other = str(tmp_path / "b.tar")
+    write_shard(other, [good("k1", 1), good("k2", 2)])
+    it = pipeline.build_train_iterator(
+        [liar, other], image_size=SIZE, batch_size=1, seed=0, process_index=0, process_count=1, window_size=4
+    )
+    with hang_guard(120):
+        batches = [next(it) for _ in range(6)]  # two epochs of the three good samples
+    assert sorted(str(b["key"][0]) for b in batches) == sorted(["before", "k1", "k2"] * 2)
+    assert sum(skip_summary(b)["skipped/corrupt_tar"] for b in batches) >= 1

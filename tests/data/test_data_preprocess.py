@@ -1,4 +1,8 @@
-"""Preprocessing against an independent re-statement of torchvision's CLIP transforms."""
+"""Preprocessing against an independent re-statement of torchvision's CLIP transforms.
+
+torchvision itself cannot be the reference here: the only torchvision wheels that match torch
+2.13.0 are CUDA builds, whose operators fail to register next to the CPU torch the tests use.
+"""
 
 import io
 import struct
@@ -18,7 +22,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def torchvision_reference(img: Image.Image, size: int) -> np.ndarray:
+def torchvision_restatement(img: Image.Image, size: int) -> np.ndarray:
     """Resize(size, BICUBIC) + CenterCrop(size) + ToTensor + Normalize, as torchvision does on PIL.
 
     torchvision's Resize with an int keeps the aspect ratio: the short side becomes `size`,
@@ -75,12 +79,12 @@ def test_constants_are_clips():
         (300, 225, 224),  # odd crop offset, round half
     ],
 )
-def test_matches_torchvision_reference(w, h, size):
+def test_matches_a_restatement_of_torchvision_transforms(w, h, size):
     img = random_image(w, h, seed=w * 1000 + h)
     crop = pp.resize_center_crop(img, size)
     assert crop.dtype == np.uint8 and crop.shape == (size, size, 3)
     ours = pp.preprocess(img, size)
-    ref = torchvision_reference(img, size)
+    ref = torchvision_restatement(img, size)
     assert ours.dtype == np.float32 and ours.shape == (size, size, 3)
     np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
 
@@ -130,9 +134,9 @@ def test_load_image_from_arrays():
     np.testing.assert_array_equal(np.asarray(pp.load_image(jnp.asarray(rgb))), rgb)
     gray = rgb[..., 0]
     np.testing.assert_array_equal(np.asarray(pp.load_image(gray)), np.repeat(gray[..., None], 3, -1))
-    with pytest.raises(pp.BadImageError, match="uint8"):
+    with pytest.raises(pp.ImageError, match="uint8"):
         pp.load_image(rgb.astype(np.float32))
-    with pytest.raises(pp.BadImageError, match="shape"):
+    with pytest.raises(pp.ImageError, match="shape"):
         pp.load_image(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(TypeError, match="expected a path"):
         pp.load_image(12)
@@ -152,30 +156,30 @@ def test_decompression_bomb_is_refused(side):
     assert side * side > pp.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with pytest.raises(pp.BadImageError, match="decompression bomb") as info:
+        with pytest.raises(pp.ImageError, match="decompression bomb|above the budget") as info:
             pp.load_image(_png_header_only(side, side))
-    assert info.value.kind == "bomb"
+    assert info.value.kind == "too_large"
 
 
 def test_corrupt_truncated_and_empty_bytes():
     buf = io.BytesIO()
     random_image(64, 64, seed=1).save(buf, format="JPEG")
     data = buf.getvalue()
-    with pytest.raises(pp.BadImageError) as info:
+    with pytest.raises(pp.ImageError) as info:
         pp.load_image(data[: len(data) // 2])
-    assert info.value.kind == "undecodable"
-    with pytest.raises(pp.BadImageError) as info:
+    assert info.value.kind == "truncated_image"
+    with pytest.raises(pp.ImageError) as info:
         pp.load_image(b"this is not an image")
-    assert info.value.kind == "undecodable"
-    with pytest.raises(pp.BadImageError) as info:
+    assert info.value.kind == "not_an_image"
+    with pytest.raises(pp.ImageError) as info:
         pp.load_image(b"")
-    assert info.value.kind == "empty_image"
+    assert info.value.kind == "not_an_image"
 
 
 def test_bad_file_error_names_the_path(tmp_path):
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"garbage")
-    with pytest.raises(pp.BadImageError, match="broken.jpg"):
+    with pytest.raises(pp.ImageError, match="broken.jpg"):
         pp.load_image(path)
 
 

@@ -1,5 +1,7 @@
 """Dataset registry: names -> shard lists under data_root, mixing, clear errors."""
 
+import os
+
 import pytest
 
 from nxtp_jax.data.registry import find_shards, resolve_shards, total_length
@@ -45,3 +47,13 @@ def test_find_shards_file_or_directory(tmp_path):
     assert find_shards(tmp_path / "d") == [shard]
     with pytest.raises(FileNotFoundError, match="nothing at"):
         find_shards(tmp_path / "nope")
+
+
+def test_symlinked_directories_are_followed_once_and_shards_listed_once(tmp_path):
+    real = touch(tmp_path / "data/real/a.tar")
+    touch(tmp_path / "data/real/sub/b.tar")
+    os.symlink(tmp_path / "data/real", tmp_path / "data/alias")  # two paths to one folder
+    os.symlink(tmp_path / "data", tmp_path / "data/real/sub/loop")  # a cycle back to the root
+    shards = find_shards(tmp_path / "data")
+    assert sorted(os.path.realpath(s) for s in shards) == [real, str(tmp_path / "data/real/sub/b.tar")]
+    assert len(shards) == 2

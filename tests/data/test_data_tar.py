@@ -1,9 +1,13 @@
 """Tar reading by offset: member headers in every tar flavour, grouping members into samples."""
 
+import bz2
+import gzip
 import io
+import lzma
 import tarfile
 
 import pytest
+from hang_guard import hang_guard
 
 from nxtp_jax.data import tar as T
 
@@ -146,6 +150,126 @@ def test_resume_from_offset(tmp_path):
         assert (first.key, second.key, second.index) == ("k0", "k1", 1)
     finally:
         fd.close()
+
+
+# -- lying headers: every field is checked before use (docs/data.md, "Tar reading") --
+
+
+def pax_shard(path, pax):
+    """a.jpg, then a.txt carrying the pax records `pax`, then b.txt; the pax header is at byte 1024."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in [("a.jpg", b"img"), ("a.txt", b"cap"), ("b.txt", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if name == "a.txt":
+                info.pax_headers = pax
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def with_header_field(path, header, start, end, value):
+    """Overwrite bytes [start, end) of the header at `header` and fix its checksum, so only the field lies."""
+    raw = bytearray(open(path, "rb").read())
+    raw[header + start : header + end] = value.ljust(end - start, b"\0")
+    raw[header + 148 : header + 156] = b" " * 8
+    raw[header + 148 : header + 156] = b"%06o\0 " % sum(raw[header : header + 512])
+    open(path, "wb").write(bytes(raw))
+    return path
+
+
+def only_error(path):
+    with hang_guard():
+        got = groups(path)
+    errors = [g for g in got if isinstance(g, T.TarFormatError)]
+    assert len(errors) == 1 and got[-1] is errors[0], got
+    return errors[0]
+
+
+@pytest.mark.parametrize("size", ["-1536", "-1", "-512", "abc", "1e3", "+5", "0x10", " 12", "١٢"])
+def test_pax_size_that_is_not_a_non_negative_integer_is_refused_naming_shard_and_offset(tmp_path, size):
+    # "-1536" points the next header back at the pax header: the reader looped forever.
+    path = pax_shard(tmp_path / "lying.tar", {"size": size})
+    error = only_error(path)
+    assert error.kind == "corrupt_tar" and error.offset == 1024 and error.shard == path
+    assert str(error).startswith(f"{path}: byte 1024: pax size") and "rest of the shard" in str(error)
+
+
+def test_pax_size_past_the_end_of_the_file_is_a_truncated_shard(tmp_path):
+    path = pax_shard(tmp_path / "big.tar", {"size": "99999999999"})
+    error = only_error(path)
+    assert error.kind == "truncated_tar" and error.member == "a.txt" and "past the end" in str(error)
+
+
+@pytest.mark.parametrize(
+    "payload,reason",
+    [
+        (b"xx path=a.txt\n", "decimal length"),
+        (b"0 path=a.txt\n", "claims length 0"),
+        (b"99 path=a.txt\n", "claims length 99"),
+        (b"14 path=a.txtX", "newline"),
+        (b"12 pathatxt\n", "key=value"),
+        (b"16 path=a\0b.txt\n", "NUL"),
+    ],
+)
+def test_malformed_pax_records_are_refused(tmp_path, payload, reason):
+    path = pax_shard(tmp_path / "pax.tar", {"path": "a.txt"})
+    raw = bytearray(open(path, "rb").read())
+    assert raw[1024 + 512 : 1024 + 512 + 14] == b"14 path=a.txt\n"
+    raw[1024 + 512 : 1024 + 512 + len(payload)] = payload
+    open(path, "wb").write(bytes(raw))
+    with_header_field(path, 1024, 124, 136, b"%011o" % len(payload))
+    error = only_error(path)
+    assert error.kind == "corrupt_tar" and error.offset == 1024 and reason in str(error)
+
+
+@pytest.mark.parametrize(
+    "field,reason",
+    [
+        (b"-0000000001", "size field"),  # int(..., 8) accepted a sign
+        (b"0o000000017", "size field"),  # and a prefix
+        (b"\xff" * 12, "size field"),  # GNU base-256, negative
+    ],
+)
+def test_header_size_that_is_not_a_non_negative_octal_number_is_refused(tmp_path, field, reason):
+    path = make_tar(tmp_path / "h.tar", [("a.jpg", b"1"), ("b.jpg", b"2")], fmt=tarfile.USTAR_FORMAT)
+    with_header_field(path, 1024, 124, 136, field)
+    error = only_error(path)
+    assert error.kind == "corrupt_tar" and error.offset == 1024 and reason in str(error)
+
+
+def test_extended_header_above_the_cap_is_refused_unread(tmp_path):
+    path = pax_shard(tmp_path / "long.tar", {"comment": "x" * T.MAX_HEADER_BYTES})
+    error = only_error(path)
+    assert error.kind == "corrupt_tar" and "MAX_HEADER_BYTES" in str(error)
+
+
+def test_signed_checksums_of_old_tars_are_accepted(tmp_path):
+    path = make_tar(tmp_path / "s.tar", [("é.txt", b"1")], fmt=tarfile.USTAR_FORMAT)
+    raw = bytearray(open(path, "rb").read())
+    raw[148:156] = b" " * 8
+    signed = sum(b - 256 if b >= 128 else b for b in raw[:512])
+    assert signed != sum(raw[:512])
+    raw[148:156] = b"%06o\0 " % signed
+    open(path, "wb").write(bytes(raw))
+    assert [g.key for g in groups(path)] == ["é"]
+
+
+@pytest.mark.parametrize(
+    "name,compress",
+    [
+        ("gzip", lambda data: gzip.compress(data)),
+        ("bzip2", lambda data: bz2.compress(data)),
+        ("xz", lambda data: lzma.compress(data)),
+        ("zstd", lambda data: b"\x28\xb5\x2f\xfd" + data),  # the magic is what is recognised
+        ("zip", lambda data: b"PK\x03\x04" + data),
+    ],
+)
+def test_compressed_shards_are_recognised_and_named(tmp_path, name, compress):
+    plain = open(make_tar(tmp_path / "p.tar", [("a.jpg", b"1"), ("a.txt", b"2")]), "rb").read()
+    path = tmp_path / "c.tar"
+    path.write_bytes(compress(plain))
+    error = only_error(str(path))
+    assert error.kind == "compressed_tar" and error.offset == 0 and f"a {name} file" in str(error)
 
 
 def test_shard_file_ranged_reads_match_the_bytes_across_buffer_refills(tmp_path):

@@ -29,7 +29,7 @@ def test_array_and_encoded_images_become_elements():
 def test_bad_records():
     to_element = ClassificationRecord(["a", "b"], 8)
     skip = to_element({"image": b"junk", "label": 0, "file_name": "x.jpg"})
-    assert isinstance(skip, Skip) and skip.kind == "undecodable" and skip.where == "x.jpg"
+    assert isinstance(skip, Skip) and skip.kind == "not_an_image" and skip.where == "x.jpg"
     with pytest.raises(ValueError, match=r"label in \[0, 2\)"):
         to_element({"image": np.zeros((4, 4, 3), np.uint8), "label": 5})
     with pytest.raises(ValueError, match="must not contain ','"):
