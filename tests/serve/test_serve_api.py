@@ -20,10 +20,14 @@ from conftest import VOCAB
 
 
 @pytest.fixture(scope="module")
-def expected(serve_ckpt, serve_images):
+def reference(serve_ckpt) -> Tagger:
+    return Tagger.load(serve_ckpt)
+
+
+@pytest.fixture(scope="module")
+def expected(reference, serve_images):
     """(image index, k) -> Tagger.predict's labels, computed in this process."""
-    tagger = Tagger.load(serve_ckpt)
-    return functools.cache(lambda i, k: tagger.predict([serve_images[i]], num_labels=k)[0])
+    return functools.cache(lambda i, k: reference.predict([serve_images[i]], num_labels=k)[0])
 
 
 def assert_same_labels(got: dict, want: list, min_prob: float = 0.0) -> None:
@@ -102,23 +106,22 @@ def test_min_prob_drops_labels_below_it(server, serve_images, expected):
     assert len(res.json()["labels"]) == 1
 
 
-def test_vocab_answers_equal_constrained_tagger_predict(servers, serve_images, serve_ckpt):
+def test_vocab_answers_equal_constrained_tagger_predict(servers, serve_images, reference):
     url = servers["slow"]  # the server with --vocab=words:FILE
-    want = Tagger.load(serve_ckpt).predict(serve_images[:2], num_labels=3, vocab=list(VOCAB))
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda i: post_image(url, serve_images[i], num_labels=3, vocab="words"), range(2)))
+    want = reference.predict(serve_images[:2], num_labels=3, vocab=list(VOCAB))
+    answers = [post_image(url, serve_images[i], num_labels=3, vocab="words") for i in range(2)]  # one at a time: --max_queue=1
     for res, w in zip(answers, want):
         assert res.status_code == 200, res.text
         assert res.json()["labels"] and all(x["label"] in VOCAB for x in res.json()["labels"])
         assert_same_labels(res.json(), w)
 
 
-def test_attention_grid(server, serve_images, serve_ckpt):
+def test_attention_grid(server, serve_images, reference):
     res = post_image(server, serve_images[0], endpoint="/v1/attention", layer=1, head=3)
     assert res.status_code == 200, res.text
     body = res.json()
     assert (body["num_layers"], body["num_heads"], body["layer"], body["head"]) == (2, 4, 1, 3)
-    maps = Tagger.load(serve_ckpt).attention_maps(serve_images[0])  # [L, H, N, N]
+    maps = reference.attention_maps(serve_images[0])  # [L, H, N, N]
     want = maps[1, 3].mean(axis=0).reshape(4, 4)
     np.testing.assert_allclose(body["grid"], want, rtol=1e-4, atol=1e-7)
 
