@@ -6,6 +6,8 @@ torchvision itself cannot be the reference here: the only torchvision wheels tha
 
 import io
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 
@@ -200,3 +202,132 @@ def test_normalize_rejects_float_input():
         pp.normalize(np.zeros((2, 2, 3), np.float32))
     with pytest.raises(ValueError, match=r"\[..., 3\]"):
         pp.normalize(np.zeros((2, 2, 4), np.uint8))
+
+
+# -- hostile and unusual images (docs/data.md, "Images") --
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("w,h,size", [(3, 2000, 16), (2000, 3, 16), (1, 5000, 24), (7, 3001, 31), (20, 33, 49), (1, 1, 5)])
+def test_extreme_aspect_ratios_resize_only_the_crop_with_the_exact_pixels(w, h, size):
+    # max_pixels=1 forces the crop-window path; the reference resizes the whole image.
+    img = random_image(w, h, seed=w * 7 + h)
+    ref = torchvision_restatement(img, size)
+    for max_pixels in (pp.MAX_IMAGE_PIXELS, 1):
+        np.testing.assert_allclose(pp.normalize(pp.resize_center_crop(img, size, max_pixels)), ref, atol=1e-6, rtol=0)
+
+
+def test_crop_window_equals_pils_full_resize_on_random_extreme_images():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        size = int(rng.integers(2, 64))
+        short, long = int(rng.integers(1, size)), int(rng.integers(size, 3000))
+        w, h = (short, long) if rng.random() < 0.5 else (long, short)
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        full = np.asarray(img.resize((new_w, new_h), Image.BICUBIC))
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        np.testing.assert_array_equal(pp.resize_center_crop(img, size, max_pixels=1), full[top : top + size, left : left + size])
+
+
+def _peak_rss_growth_mb(code: str) -> float:
+    """Runs `code` (which sets `before` to ru_maxrss) in a fresh interpreter; returns the peak RSS growth since."""
+    script = (
+        "import io, resource, numpy as np\n"
+        "from PIL import Image\n"
+        "from nxtp_jax.data import preprocess as pp\n"
+        f"{code}\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return float(proc.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("length", [300_000, 20_000])
+def test_a_one_pixel_wide_png_is_tagged_in_bounded_memory(length):
+    # The issue's cases: 1 x 300,000 took 3.4 GB (224 x 67 million pixels after the resize).
+    code = (
+        f"arr = (np.arange({length}) % 251).astype(np.uint8)[:, None]\n"
+        "buf = io.BytesIO(); Image.fromarray(arr).save(buf, 'PNG'); data = buf.getvalue()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "x = pp.preprocess(data, 224)\n"
+        "assert x.shape == (224, 224, 3) and x.dtype == np.float32\n"
+    )
+    assert _peak_rss_growth_mb(code) < 100
+
+
+def test_16_bit_grey_png_keeps_its_grey_levels():
+    # convert("RGB") clips 16-bit values to 255: everything came out white.
+    levels = np.array([[0, 255, 256, 0x1234, 0x8080, 0xFFFF]], np.uint16)
+    data = encode(Image.fromarray(levels), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    rgb = np.asarray(pp.load_image(data))
+    np.testing.assert_array_equal(rgb[0, :, 0], [0, 0, 1, 0x12, 0x80, 0xFF])
+    assert (rgb == rgb[..., :1]).all()
+    as_int = Image.fromarray(levels.astype(np.int32))  # how Pillow < 10.? opened 16-bit PNG
+    as_int.format = "PNG"
+    np.testing.assert_array_equal(np.asarray(pp.load_image(as_int))[0, :, 0], [0, 0, 1, 0x12, 0x80, 0xFF])
+
+
+def test_palette_with_transparency_cmyk_la_and_rgba_convert_as_the_original():
+    # The original: PIL convert("RGB"), alpha and transparency dropped, not composited.
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    assert np.asarray(pp.load_image(encode(palette, "PNG", transparency=0)))[0, 0].tolist() == [255, 0, 0]
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))
+    assert np.asarray(pp.load_image(encode(cmyk, "TIFF")))[0, 0].tolist() == [255, 0, 0]
+    jpeg = np.asarray(pp.load_image(encode(cmyk, "JPEG", quality=100))).astype(int)
+    assert np.abs(jpeg - [255, 0, 0]).max() <= 3
+    la = Image.new("LA", (4, 4), (100, 0))
+    assert np.asarray(pp.load_image(encode(la, "PNG")))[0, 0].tolist() == [100, 100, 100]
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert np.asarray(pp.load_image(encode(rgba, "PNG")))[0, 0].tolist() == [10, 20, 30]
+
+
+def test_exif_orientation_is_not_applied_as_in_the_original():
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)  # left half red, right half blue, as stored
+    arr[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    img = pp.load_image(encode(Image.fromarray(arr), "PNG", exif=exif.tobytes()))
+    assert img.size == (40, 20)
+    np.testing.assert_array_equal(np.asarray(img), arr)
+
+
+def test_large_jpeg_decodes_through_draft_mode_only_above_the_budget():
+    rng = np.random.default_rng(1)
+    data = encode(Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)), "JPEG")
+    exact = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(pp.load_image(data, max_pixels=64 * 48)), exact)  # within: no draft
+    assert pp.load_image(data, max_pixels=64 * 48 - 1).size == (32, 24)  # 1/2 scale
+    assert pp.load_image(data, max_pixels=100).size == (8, 6)  # 1/8 scale
+    with pytest.raises(pp.ImageError, match="above the budget of 10 pixels") as info:
+        pp.load_image(data, max_pixels=10)
+    assert info.value.kind == "too_large"
+    png = encode(Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)), "PNG")
+    with pytest.raises(pp.ImageError) as info:  # no draft mode for PNG
+        pp.load_image(png, max_pixels=64 * 48 - 1)
+    assert info.value.kind == "too_large"
+
+
+def test_image_errors_are_value_errors_with_a_documented_kind(tmp_path):
+    ppm = encode(Image.new("RGB", (4, 4)), "PPM")  # PIL reads it; not an accepted format
+    cases = [(ppm, "not_an_image"), (b"\x89PNG\r\n\x1a\n", "not_an_image"), (_png_header_only(3, 3), "truncated_image")]
+    for data, kind in cases:
+        with pytest.raises(ValueError) as info:
+            pp.load_image(data)
+        assert isinstance(info.value, pp.ImageError) and info.value.kind == kind, (data[:10], info.value)
+        assert info.value.kind in pp.ERROR_KINDS
+    with pytest.raises(pp.ImageError, match="above MAX_IMAGE_BYTES") as info:
+        pp.load_image(bytes(pp.MAX_IMAGE_BYTES + 1))
+    assert info.value.kind == "too_large"
+    with pytest.raises(pp.ImageError, match="pixels") as info:
+        pp.load_image(np.zeros((5, 5), np.uint8), max_pixels=24)
+    assert info.value.kind == "too_large"
