@@ -61,8 +61,11 @@ def is_torchscript(path: str | os.PathLike) -> bool:
     """TorchScript archives are zips with a `constants.pkl`; torch.save files have none."""
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.split("/", 1)[-1] == "constants.pkl" for name in z.namelist())
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in z.namelist())
+    except zipfile.BadZipFile:
+        return False  # a damaged zip: torch.load reports it
 
 
 def load_torch(path: str | os.PathLike, what: str, *, torchscript: bool = False) -> Any:
@@ -82,7 +85,7 @@ def load_torch(path: str | os.PathLike, what: str, *, torchscript: bool = False)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         raise WeightImportError(f"expected {what} at {path}, found a pickle that needs more than tensors to load; refused ({first})") from e
-    except (EOFError, RuntimeError, ValueError) as e:
+    except (EOFError, OSError, RuntimeError, ValueError, zipfile.BadZipFile) as e:
         raise WeightImportError(
             f"expected {what} at {path}, found a file torch cannot read ({type(e).__name__}: {str(e).strip()[:200] or 'empty or truncated'})"
         ) from e

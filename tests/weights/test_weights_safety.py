@@ -239,3 +239,19 @@ def test_checkpoint_save_refuses_a_non_empty_dir_and_writes_whole(sp_model_path,
     out = checkpoint.save(tmp_path / "new", params, config, sp_model_path)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "params", "tokenizer.model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "new"]
+
+
+def test_empty_truncated_and_garbage_inputs_are_one_line_errors(llama, good_clip, sp_model_path, tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(good_clip.read_bytes()[:-100])
+    (tmp_path / "garbage.model").write_bytes(b"\x00not a sentencepiece model" * 8)
+    cases = [
+        (dict(clip_path=good_clip, llama_dir=llama, nxtp_ckpt=tmp_path / "empty.pth"), "found a file torch cannot read (EOFError"),
+        (dict(clip_path=tmp_path / "cut.pt", llama_dir=llama), "found a file torch cannot read"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(WeightImportError, match=message.replace("(", r"\(")) as info:
+            convert(tokenizer_path=sp_model_path, layers=1, **kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="found a file sentencepiece cannot read"):
+        convert(clip_path=good_clip, llama_dir=llama, tokenizer_path=tmp_path / "garbage.model", layers=1)
