@@ -13,9 +13,10 @@ import datetime
 import json
 import logging
 import os
-import pathlib
 import socket
 from typing import Any
+
+from etils import epath
 
 from nxtp_jax import checkpoint
 from nxtp_jax.errors import WorkdirError
@@ -29,7 +30,7 @@ LOCK_FILE = "run.lock"
 def check_writable(*dirs: str | os.PathLike) -> None:
     """Makes each directory and writes a probe file in it, or raises WorkdirError naming it."""
     for d in dirs:
-        d = pathlib.Path(d)
+        d = epath.Path(d)  # local, or any epath backend (gs://...)
         if d.exists() and not d.is_dir():
             raise WorkdirError(f"expected a directory at {d}, found a file; pass another --workdir")
         probe = d / f".write_probe.{socket.gethostname()}.{os.getpid()}"
@@ -57,7 +58,7 @@ class Lock:
     """WORKDIR/run.lock for the lifetime of a run (process 0 only); `release` removes it."""
 
     def __init__(self, workdir: str | os.PathLike):
-        self.path = pathlib.Path(workdir) / LOCK_FILE
+        self.path = epath.Path(workdir) / LOCK_FILE
         self.info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -68,15 +69,25 @@ class Lock:
     def acquire(self) -> "Lock":
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.info, f)
             self.held = True
             return self
         raise WorkdirError(f"cannot take the lock {self.path}: another run took it at the same time")
+
+    def _create(self) -> None:
+        """Writes the lock file, or raises FileExistsError: atomically on local disk; object stores
+        (gs://...) offer no exclusive create through epath, so there a check precedes the write."""
+        if "://" in os.fspath(self.path):
+            if self.path.exists():
+                raise FileExistsError(self.path)
+            self.path.write_text(json.dumps(self.info))
+            return
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.info, f)
 
     def _take_over_if_stale(self) -> None:
         try:
