@@ -4,8 +4,9 @@
 
 Every member of every sample is copied; the .json gets "labels" (a list of strings) and is
 created if absent. Samples whose caption is missing or not UTF-8, or whose json does not
-parse, are left out and counted. Shards keep their relative paths; shards already in
---out are kept, so an interrupted run resumes. Needs NLTK's data:
+parse, are left out and counted, and so are captions and json above samples.MAX_TEXT_BYTES
+and keys with '..' parts. Shards keep their relative paths. --out must be empty, or pass
+--overwrite to replace the shards in it; it must not hold the input shards. Needs NLTK's data:
 `python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet`.
 """
 
@@ -23,8 +24,10 @@ from tqdm import tqdm
 
 from nxtp_jax.data import labels
 from nxtp_jax.data.registry import find_shards
-from nxtp_jax.data.tar import TarFormatError, read_bytes, walk
-from nxtp_jax.data.writer import write_shard
+from nxtp_jax.data.samples import read_sample
+from nxtp_jax.data.tar import TarFormatError, walk
+from nxtp_jax.data.writer import PackError, key_problem, output_path, prepare_out, write_shard
+from nxtp_jax.errors import USER_ERRORS, report
 
 
 def labelled_samples(shard: str, counts: collections.Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -34,11 +37,11 @@ def labelled_samples(shard: str, counts: collections.Counter) -> Iterator[tuple[
             if isinstance(group, TarFormatError):
                 counts[group.kind] += 1
                 return
-            try:
-                members = {ext: read_bytes(fd, m) for ext, m in group.members.items()}
-            except TarFormatError as e:
-                counts[e.kind] += 1
-                return
+            raw = read_sample(fd, group.key, group.members)
+            if raw.problem is not None or key_problem(group.key):
+                counts[raw.problem[0] if raw.problem else "bad_key"] += 1
+                continue
+            members = raw.members
             if "txt" not in members:
                 counts["missing_caption"] += 1
                 continue
@@ -73,7 +76,7 @@ def plan(inputs: list[str], out: str) -> list[tuple[str, str]]:
     jobs = []
     for path in inputs:
         base = path if os.path.isdir(path) else os.path.dirname(path)
-        jobs += [(s, os.path.join(out, os.path.relpath(s, base))) for s in find_shards(path)]
+        jobs += [(s, output_path(out, os.path.relpath(s, base))) for s in find_shards(path)]
     return jobs
 
 
@@ -82,35 +85,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, nargs="+", help="shards or folders of shards")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--workers", type=int, default=1, help="processes (one shard each at a time)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
     args = parser.parse_args(argv)
-
     try:
-        labels.check_nltk_data()
-    except labels.NltkDataMissingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return run(args)
+    except (*USER_ERRORS, labels.NltkDataMissingError) as e:
+        return report(e, args.verbose)
+
+
+def run(args: argparse.Namespace) -> int:
+    labels.check_nltk_data()
     jobs = plan(args.input, args.out)
-    if os.path.abspath(args.out) in {os.path.abspath(os.path.dirname(src)) for src, _ in jobs}:
-        print("error: --out must differ from the input folder (shards would be overwritten)", file=sys.stderr)
-        return 1
-    todo = [job for job in jobs if not os.path.exists(job[1])]
+    out = os.path.realpath(args.out)
+    inputs_in_out = [src for src, _ in jobs if os.path.realpath(src).startswith(out.rstrip("/") + "/")]
+    if inputs_in_out:
+        raise PackError(f"--out {args.out!r} holds input shards (e.g. {inputs_in_out[0]!r}); choose another folder")
+    prepare_out(args.out, args.overwrite)
     totals: collections.Counter = collections.Counter()
-    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", disable=args.no_progress) as bar:
+    with tqdm(total=len(jobs), unit="shard", disable=args.no_progress) as bar:
         if args.workers > 1:
             with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-                for counts in pool.imap_unordered(process_shard, todo):
+                for counts in pool.imap_unordered(process_shard, jobs):
                     totals.update(counts)
                     bar.update(1)
                     bar.set_postfix(labelled=totals["labelled"])
         else:
-            for job in todo:
+            for job in jobs:
                 totals.update(process_shard(job))
                 bar.update(1)
                 bar.set_postfix(labelled=totals["labelled"])
     skipped = {k: v for k, v in totals.items() if k != "labelled"}
     print(f"labelled={totals['labelled']} skipped={sum(skipped.values())} {dict(sorted(skipped.items()))} "
-          f"shards={len(jobs)} (new {len(todo)})")
+          f"shards={len(jobs)}")
     return 0
 
 

@@ -8,7 +8,9 @@ The captions file names each image by its path relative to --images:
 - .jsonl: one object per line with the same keys; "labels" is a list of strings.
 Sample i (in file order) is keyed by its zero-padded number and has the image (jpg, png
 and webp bytes copied as they are, other formats converted to png), .txt with the caption
-and .json with {"path", "cap"} and "labels" if given. Re-running resumes.
+and .json with {"path", "cap"} and "labels" if given. A path that leads outside --images,
+or a --prefix that leads outside --out, is refused. --out must be empty, or pass
+--overwrite to replace the shards in it.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import os
 import sys
 from typing import Iterator
 
-from PIL import Image
-
-from nxtp_jax.data.writer import pack
+from nxtp_jax.data import preprocess
+from nxtp_jax.data.writer import inside, pack
+from nxtp_jax.errors import USER_ERRORS, report
 
 _KEEP = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
@@ -62,15 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="", help="shard name prefix (default: 000000.tar, ...)")
     parser.add_argument("--path-col", default="path")
     parser.add_argument("--caption-col", default="caption")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
     args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        return report(e, args.verbose)
 
+
+def run(args: argparse.Namespace) -> int:
     rows = list(read_captions(args.captions, args.path_col, args.caption_col))
+    sources = [inside(args.images, row["path"], f"{args.captions}: path") for row in rows]
     width = max(6, len(str(len(rows))))
     problems: list[str] = []
 
     def make_sample(i: int, row: dict) -> tuple[str, dict[str, bytes]] | None:
-        src = os.path.join(args.images, row["path"])
+        src = sources[i]
         try:
             with open(src, "rb") as f:
                 data = f.read()
@@ -81,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if ext is None:
             try:
                 buf = io.BytesIO()
-                Image.open(io.BytesIO(data)).save(buf, "PNG")
-            except Exception as e:  # any PIL failure means this file is not usable
+                preprocess.load_image(data).save(buf, "PNG")  # within the decoding budget
+            except preprocess.ImageError as e:
                 problems.append(f"{row['path']}: cannot convert to png: {e}")
                 return None
             data, ext = buf.getvalue(), "png"
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shards = pack(
         rows, make_sample, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
-        desc="packing", progress=not args.no_progress,
+        overwrite=args.overwrite, desc="packing", progress=not args.no_progress,
     )
     print(f"{len(rows) - len(problems)} samples in {len(shards)} shards under {args.out}")
     for p in problems[:10]:

@@ -5,8 +5,10 @@
 Reads COCO/annotations/captions_<split>.json and COCO/<split>/<file_name>. Images go in
 order of their id; each becomes a sample keyed by its file name without extension
 (000000000139) with .jpg (the original bytes), .txt (all its captions in annotation-file
-order, each stripped, joined by one space) and .json ({"path", "cap", "split"}). Shards
-are DIR/000000.tar, ...; re-running resumes where it stopped.
+order, each stripped, joined by one space) and .json ({"path", "cap", "split"}). A dot
+inside the name is escaped in the key (writer.safe_key). Shards are DIR/000000.tar, ...;
+DIR must be empty, or pass --overwrite to replace the shards in it. A file name that leads
+outside COCO/<split> is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import json
 import os
 import sys
 
-from nxtp_jax.data.writer import pack
+from nxtp_jax.data.writer import inside, pack, safe_key
+from nxtp_jax.errors import USER_ERRORS, report
 
 
 def load_captions(root: str, split: str) -> tuple[list[dict], dict[int, list[str]]]:
@@ -26,6 +29,8 @@ def load_captions(root: str, split: str) -> tuple[list[dict], dict[int, list[str
         raise FileNotFoundError(f"expected the COCO captions file at {path!r}; check --root and --split")
     with open(path) as f:
         data = json.load(f)
+    if not isinstance(data, dict) or not {"images", "annotations"} <= set(data):
+        raise ValueError(f"{path}: expected a COCO captions file with \"images\" and \"annotations\"; check --root and --split")
     captions: dict[int, list[str]] = {}
     for ann in data["annotations"]:
         captions.setdefault(ann["image_id"], []).append(ann["caption"])
@@ -38,26 +43,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val2017", help="train2017 or val2017")
     parser.add_argument("--out", required=True, help="output folder for the shards")
     parser.add_argument("--samples-per-shard", type=int, default=3000)
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
     args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        return report(e, args.verbose)
 
+
+def run(args: argparse.Namespace) -> int:
     images, captions = load_captions(args.root, args.split)
+    folder = os.path.join(args.root, args.split)
+    sources = [inside(folder, image["file_name"], "annotation file_name") for image in images]
     missing: list[str] = []
 
-    def make_sample(_i: int, image: dict) -> tuple[str, dict[str, bytes]] | None:
+    def make_sample(i: int, image: dict) -> tuple[str, dict[str, bytes]] | None:
         name = image["file_name"]
         try:
-            with open(os.path.join(args.root, args.split, name), "rb") as f:
+            with open(sources[i], "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             missing.append(name)
             return None
         text = " ".join(c.strip() for c in captions.get(image["id"], []))
         meta = {"path": name, "cap": text, "split": args.split}
-        return name.split(".")[0], {"jpg": data, "txt": text.encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
+        key = safe_key(os.path.splitext(name)[0])
+        return key, {"jpg": data, "txt": text.encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
 
     shards = pack(
-        images, make_sample, args.out, samples_per_shard=args.samples_per_shard,
+        images, make_sample, args.out, samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
         desc=f"coco {args.split}", progress=not args.no_progress,
     )
     print(f"{len(images) - len(missing)} samples in {len(shards)} shards under {args.out}")

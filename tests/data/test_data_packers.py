@@ -82,19 +82,105 @@ def test_coco_packer_layout_and_resume(tmp_path):
     assert members == want
     assert json.loads(members[2][1]) == {"path": "000000000042.jpg", "cap": expected[42], "split": "val2017"}
 
-    first = (out / "000000.tar").stat().st_mtime_ns
-    second = (out / "000001.tar").read_bytes()
+    first, second = (out / "000000.tar").read_bytes(), (out / "000001.tar").read_bytes()
     (out / "000001.tar").unlink()
-    proc = run_script("mscoco_to_wds.py", "--root", coco, "--split", "val2017", "--out", out, "--samples-per-shard", 2, "--no-progress")
+    (out / "000007.tar").write_bytes(b"stale")  # from an earlier, larger run
+    args = ("--root", coco, "--split", "val2017", "--out", out, "--samples-per-shard", 2, "--no-progress")
+    proc = run_script("mscoco_to_wds.py", *args)
+    assert proc.returncode == 1 and one_line_error(proc, "is not empty", "--overwrite")
+    assert sorted(os.listdir(out)) == ["000000.tar", "000007.tar"]  # untouched
+    proc = run_script("mscoco_to_wds.py", *args, "--overwrite")
     assert proc.returncode == 0, proc.stderr
-    assert (out / "000000.tar").stat().st_mtime_ns == first  # kept
-    assert (out / "000001.tar").read_bytes() == second  # redone, same bytes
+    assert sorted(os.listdir(out)) == ["000000.tar", "000001.tar"]  # the stale shard is gone
+    assert (out / "000000.tar").read_bytes() == first and (out / "000001.tar").read_bytes() == second
+
+
+def one_line_error(proc, *words):
+    """The script failed with one `error: ...` line naming `words`, and no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    return len(lines) == 1 and lines[0].startswith("error: ") and all(w in lines[0] for w in words)
 
 
 def test_coco_packer_explains_a_wrong_root(tmp_path):
     proc = run_script("mscoco_to_wds.py", "--root", tmp_path, "--out", tmp_path / "o")
-    assert proc.returncode != 0
-    assert "captions_val2017.json" in proc.stderr
+    assert proc.returncode == 1 and one_line_error(proc, "captions_val2017.json"), proc.stderr
+
+
+def make_coco(tmp_path, file_names):
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "val2017").mkdir()
+    for i, name in enumerate(file_names):
+        target = coco / "val2017" / name
+        if target.resolve().is_relative_to(coco.resolve()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(jpeg_bytes(i))
+    annotations = {
+        "images": [{"id": i, "file_name": name} for i, name in enumerate(file_names)],
+        "annotations": [{"id": i, "image_id": i, "caption": f"caption {i}"} for i in range(len(file_names))],
+    }
+    (coco / "annotations" / "captions_val2017.json").write_text(json.dumps(annotations))
+    return coco
+
+
+def test_coco_file_names_with_extra_dots_keep_distinct_keys(tmp_path):
+    # "a.b.jpg" and "a.c.jpg" were both keyed "a": one merged sample.
+    coco = make_coco(tmp_path, ["a.b.jpg", "a.c.jpg", "a%2Eb.jpg"])
+    proc = run_script("mscoco_to_wds.py", "--root", coco, "--out", tmp_path / "o", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    fd, size = open_shard(str(tmp_path / "o" / "000000.tar"))
+    groups = list(iter_groups(fd, size))
+    paths = [json.loads(read_bytes(fd, g.members["json"]))["path"] for g in groups]
+    fd.close()
+    assert [g.key for g in groups] == ["a%2Eb", "a%2Ec", "a%252Eb"]
+    assert paths == ["a.b.jpg", "a.c.jpg", "a%2Eb.jpg"]
+
+
+@pytest.mark.parametrize("name", ["../outside.jpg", "sub/../../outside.jpg", "/etc/hostname"])
+def test_coco_file_names_outside_the_split_folder_are_refused(tmp_path, name):
+    (tmp_path / "outside.jpg").write_bytes(jpeg_bytes(1))
+    coco = make_coco(tmp_path, ["fine.jpg", name])
+    proc = run_script("mscoco_to_wds.py", "--root", coco, "--out", tmp_path / "o", "--no-progress")
+    assert proc.returncode == 1 and one_line_error(proc, repr(name)), proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_coco_duplicate_file_names_are_refused(tmp_path):
+    coco = make_coco(tmp_path, ["x.jpg", "x.jpg"])
+    proc = run_script("mscoco_to_wds.py", "--root", coco, "--out", tmp_path / "o", "--no-progress")
+    assert proc.returncode == 1 and one_line_error(proc, "'x'", "unique"), proc.stderr
+
+
+@pytest.mark.parametrize("path", ["../secret.jpg", "a/../../secret.jpg", "/tmp/secret.jpg"])
+def test_folder_packer_refuses_caption_paths_outside_images(tmp_path, path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(jpeg_bytes(5))
+    (tmp_path / "secret.jpg").write_bytes(jpeg_bytes(6))
+    (tmp_path / "caps.jsonl").write_text(json.dumps({"path": "a.jpg", "caption": "ok"}) + "\n" + json.dumps({"path": path, "caption": "x"}) + "\n")
+    proc = run_script("folder_to_wds.py", "--images", images, "--captions", tmp_path / "caps.jsonl", "--out", tmp_path / "o", "--no-progress")
+    assert proc.returncode == 1 and one_line_error(proc, repr(path)), proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("prefix", ["../x", "a/../../x", "/tmp/nxtp-escape"])
+def test_folder_packer_refuses_a_prefix_that_leads_outside_out(tmp_path, prefix):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(jpeg_bytes(5))
+    (tmp_path / "caps.tsv").write_text("path\tcaption\na.jpg\tcap\n")
+    out = tmp_path / "o"
+    proc = run_script("folder_to_wds.py", "--images", images, "--captions", tmp_path / "caps.tsv", "--out", out, "--prefix", prefix, "--no-progress")
+    assert proc.returncode == 1 and one_line_error(proc, "outside --out"), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caps.tsv", "imgs"]
+    assert not os.path.exists(f"{prefix}-000000.tar")
+
+
+def test_packers_refuse_an_out_that_is_a_file(tmp_path):
+    (tmp_path / "caps.tsv").write_text("path\tcaption\n")
+    (tmp_path / "file").write_text("x")
+    proc = run_script("folder_to_wds.py", "--images", tmp_path, "--captions", tmp_path / "caps.tsv", "--out", tmp_path / "file")
+    assert proc.returncode == 1 and one_line_error(proc, "is a file"), proc.stderr
 
 
 def test_folder_packer_tsv_and_jsonl(tmp_path):
@@ -185,6 +271,28 @@ def test_extract_labels_adds_labels_and_copies_members(tmp_path, monkeypatch):
         ("k1.jpg", b"img1"), ("k1.txt", b"a brown dog"), ("k1.json", json.dumps({"url": "u1", "labels": ["brown"]}).encode()),
         ("k1.cls", b"7"), ("k3.png", b"img3"), ("k3.txt", b"grey cats"), ("k3.json", json.dumps({"labels": ["grey", "cats"]}).encode()),
     ]
+
+
+def test_extract_labels_refuses_an_out_holding_its_inputs_and_a_rerun_without_overwrite(tmp_path, monkeypatch, capsys):
+    from nxtp_jax.data.writer import write_shard
+
+    src = tmp_path / "in"
+    src.mkdir()
+    write_shard(src / "000000.tar", [("k1", {"jpg": b"img1", "txt": b"a dog"})])
+    monkeypatch.setattr(labels, "check_nltk_data", lambda: None)
+    monkeypatch.setattr(labels, "caption_to_nouns", lambda caption: caption.split())
+    script = load_script("extract_labels.py")
+    for out in (src, tmp_path):  # --overwrite there would delete the inputs
+        assert script.main(["--input", str(src), "--out", str(out), "--overwrite", "--no-progress"]) == 1
+        assert "holds input shards" in capsys.readouterr().err
+    assert (src / "000000.tar").exists()
+    out = tmp_path / "out"
+    assert script.main(["--input", str(src), "--out", str(out), "--no-progress"]) == 0
+    (out / "old.tar").write_bytes(b"stale")
+    assert script.main(["--input", str(src), "--out", str(out), "--no-progress"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert script.main(["--input", str(src), "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert sorted(os.listdir(out)) == ["000000.tar"]
 
 
 def test_extract_labels_without_nltk_data_says_how_to_get_it(tmp_path, monkeypatch):
