@@ -4,7 +4,8 @@
       CheckpointError  a checkpoint directory or workdir that cannot be read (config.json, tokenizer, params)
       WorkdirError     a workdir that cannot be used: unwritable, locked by another run, another model
       WeightImportError  a source checkpoint the converter cannot import
-    (and, elsewhere: ConfigError, BadImageError, all ValueErrors)
+      ConfigError        (experiment.py) an experiment config that cannot run
+    (and, elsewhere: BadImageError and a bad tokenizer file, ValueErrors)
 
 `python -m nxtp_jax.main`, `python -m nxtp_jax.infer` and `convert/*.py` print
 `error: <message>` for these, and for ValueError / OSError, and exit 1; `--verbose`

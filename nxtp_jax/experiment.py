@@ -22,6 +22,7 @@ from ml_collections import config_dict
 from nxtp_jax import checkpoint, sharding
 from nxtp_jax.choices import DTYPES, EMBEDDERS, EVAL_RANKINGS, INITS, LABEL_SOURCES, MODES, SCHEDULES, STRATEGIES, SYNTHETIC
 from nxtp_jax.data import registry
+from nxtp_jax.errors import NxtpError
 from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
 from nxtp_jax.params import ALL_ROWS
 from nxtp_jax.sharding import MESH_AXES
@@ -135,7 +136,7 @@ def embedding_row_ids(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> l
     return [tokenizer.encode(token, bos=False, eos=False)[0] for token in config.embedding_rows]
 
 
-class ConfigError(ValueError):
+class ConfigError(NxtpError, ValueError):
     """The experiment config cannot run; the message lists every problem found."""
 
 
