@@ -159,8 +159,8 @@ def make_shapes(
 ) -> dict[str, list[str]]:
     """Write `out_dir/train/shapes-train-*.tar` and `out_dir/val/shapes-val-*.tar`; returns the shards.
 
-    Shards already present are kept (an interrupted run resumes); delete `out_dir` to
-    regenerate with other settings.
+    Shards already in `out_dir/train` and `out_dir/val` are replaced: sample i depends only
+    on (seed, split, i), so a rerun with the same settings writes the same bytes.
     """
     from functools import partial
 
@@ -172,6 +172,7 @@ def make_shapes(
             os.path.join(os.fspath(out_dir), split),
             prefix=f"shapes-{split}",
             samples_per_shard=samples_per_shard,
+            overwrite=True,
             desc=f"shapes {split}",
             progress=progress,
         )
