@@ -15,6 +15,7 @@ import pickle
 import zipfile
 from typing import Any, Callable, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from nxtp_jax.errors import WeightImportError
@@ -33,14 +34,17 @@ def _torch():
 
 
 def _to_numpy(tensor: Any, key: str, where: str) -> np.ndarray:
-    """A float tensor as float32 numpy; integer, complex or non-finite weights are refused, naming the tensor."""
-    torch = _torch()
-    if not tensor.is_floating_point():
+    """A float tensor (torch or numpy) as float32 numpy; integer, complex or non-finite weights are refused, naming the tensor."""
+    if isinstance(tensor, np.ndarray):
+        floating = tensor.dtype.kind == "f" or tensor.dtype == ml_dtypes.bfloat16
+    else:
+        floating = tensor.is_floating_point()
+    if not floating:
         raise WeightImportError(
             f"{where}: {key} is {str(tensor.dtype).removeprefix('torch.')}; expected floating-point weights. "
             "The file is not a weights file of this model, or it is damaged"
         )
-    array = tensor.detach().to(torch.float32).numpy()
+    array = tensor.astype(np.float32) if isinstance(tensor, np.ndarray) else tensor.detach().to(_torch().float32).numpy()
     finite = np.isfinite(array)
     if not finite.all():
         raise WeightImportError(
@@ -71,14 +75,14 @@ def is_torchscript(path: str | os.PathLike) -> bool:
 def load_torch(path: str | os.PathLike, what: str, *, torchscript: bool = False) -> Any:
     """The object in a torch file, read with weights_only; with `torchscript`, also a TorchScript archive's tensors."""
     path = require_file(path, what)
-    torch = _torch()
     if is_torchscript(path):
         if not torchscript:
             raise WeightImportError(
                 f"expected {what} at {path}, found a TorchScript archive; only --clip takes one. "
                 "Pass the torch.save state dict (.pth / .bin) or a .safetensors file"
             )
-        return read_state_dict(str(path))
+        return read_state_dict(str(path))  # numpy arrays: no torch needed
+    torch = _torch()
     try:
         # mmap needs the zip format; legacy pickles are read whole.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

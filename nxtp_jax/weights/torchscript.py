@@ -3,9 +3,9 @@
 `torch.jit.load` runs the archive's TorchScript (a `__setstate__` method, for one). Here
 `data.pkl` goes through an unpickler that knows only what rebuilds tensors: the module
 objects (`__torch__.*` classes) become plain attribute holders, TorchScript's typed lists
-plain lists, storages come from the
-archive's `data/N` entries, and any other global is refused. The tensors are named as
-`state_dict()` names them: the module attributes' dotted paths.
+plain lists, storages are numpy views of the archive's `data/N` entries, and any other
+global is refused. The tensors come back as numpy arrays named as `state_dict()` names
+them (the module attributes' dotted paths), so reading needs no torch at all.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import collections
 import pickle
 import zipfile
 from typing import Any
+
+import ml_dtypes
+import numpy as np
 
 from nxtp_jax.errors import WeightImportError
 
@@ -35,24 +38,28 @@ def _module_class(qualname: str) -> type:
     return type(qualname, (ModuleState,), {})
 
 
-def _storage_dtypes(torch) -> dict[str, Any]:
-    return {
-        "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-        "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-        "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-        "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
-    }
+# torch storage classes -> numpy dtypes (bfloat16 through ml_dtypes, which JAX ships).
+STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_, "ComplexFloatStorage": np.complex64, "ComplexDoubleStorage": np.complex128,
+}
 
 
 class _StorageType:
     def __init__(self, dtype: Any):
-        self.dtype = dtype
+        self.dtype = np.dtype(dtype)
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    import torch
-
-    return torch.as_strided(storage, tuple(size), tuple(stride), offset)
+    """The tensor as a numpy array of its own (offset, size and stride count elements of `storage`)."""
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    if offset < 0 or any(s < 0 for s in stride) or last >= storage.size:
+        raise ValueError(f"a tensor of size {size}, stride {stride}, offset {offset} reaches past its storage of {storage.size}")
+    view = np.lib.stride_tricks.as_strided(storage[offset:], size, tuple(s * storage.itemsize for s in stride))
+    return np.array(view)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -70,12 +77,8 @@ _JIT_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "build
 class _Unpickler(pickle.Unpickler):
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
         super().__init__(file)
-        import torch
-
-        self.torch = torch
         self.archive, self.prefix, self.path = archive, prefix, path
-        self.dtypes = _storage_dtypes(torch)
-        self.storages: dict[str, Any] = {}
+        self.storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith("__torch__"):
@@ -84,8 +87,8 @@ class _Unpickler(pickle.Unpickler):
             return _rebuild_tensor_v2
         if module == "torch._utils" and name == "_rebuild_parameter":
             return _rebuild_parameter
-        if module == "torch" and name in self.dtypes:
-            return _StorageType(self.dtypes[name])
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(STORAGE_DTYPES[name])
         if module == "torch.jit._pickle" and name in _JIT_CONTAINERS:
             return _identity
         if module == "collections" and name == "OrderedDict":
@@ -106,31 +109,29 @@ class _Unpickler(pickle.Unpickler):
                 raw = bytearray(self.archive.read(entry))
             except KeyError:
                 raise WeightImportError(f"{self.path}: data.pkl names the storage {entry}, which the archive lacks") from None
-            torch = self.torch
-            flat = torch.frombuffer(raw, dtype=storage_type.dtype) if raw else torch.empty(0, dtype=storage_type.dtype)
-            if flat.numel() != numel:
+            if len(raw) != numel * storage_type.dtype.itemsize:
                 raise WeightImportError(
-                    f"{self.path}: storage {entry} holds {flat.numel()} elements, data.pkl says {numel}; the archive is damaged"
+                    f"{self.path}: storage {entry} holds {len(raw)} bytes, data.pkl says {numel} elements of "
+                    f"{storage_type.dtype}; the archive is damaged"
                 )
+            flat = np.frombuffer(raw, dtype=storage_type.dtype)
             self.storages[key] = flat
         return self.storages[key]
 
 
 def _collect(obj: Any, prefix: str, out: dict[str, Any], seen: set[int]) -> None:
-    import torch
-
     if id(obj) in seen:
         return
     seen.add(id(obj))
     for name, value in obj.attributes.items():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, np.ndarray):
             out[prefix + name] = value
         elif isinstance(value, ModuleState):
             _collect(value, f"{prefix}{name}.", out, seen)
 
 
 def read_state_dict(path: str) -> dict[str, Any]:
-    """The named tensors of a TorchScript archive, as `torch.jit.load(path).state_dict()` has them."""
+    """The named tensors of a TorchScript archive, as `torch.jit.load(path).state_dict()` has them, in numpy."""
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
