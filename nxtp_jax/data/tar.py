@@ -87,7 +87,8 @@ class ShardFile:
         self.buffer_size = buffer_size
         try:
             self._file = epath.Path(path).open("rb")
-            self.size = self._file.seek(0, io.SEEK_END)
+            self._file.seek(0, io.SEEK_END)
+            self.size = self._file.tell()  # tf.io.gfile's seek (epath's gs:// backend with TF) returns None
         except OSError as e:
             raise ShardOpenError(
                 e.errno, f"cannot open shard {path!r}: {e.strerror or e}; check the path and permissions"
