@@ -51,7 +51,7 @@ def labelled_samples(shard: str, counts: collections.Counter) -> Iterator[tuple[
             except UnicodeDecodeError:
                 counts["bad_caption"] += 1
                 continue
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
                 counts["bad_json"] += 1
                 continue
             if not isinstance(meta, dict):

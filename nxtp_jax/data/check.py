@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     for path in args.paths:
         try:
             shards = find_shards(path)
-        except FileNotFoundError as e:
+        except OSError as e:  # missing, unreadable, a symlink loop
             print(f"{path}: cannot open: {e}", file=out)
             ok = False
             continue

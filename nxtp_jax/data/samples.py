@@ -117,7 +117,7 @@ def decode_sample(
     if JSON_EXT in raw.members:
         try:
             json_labels = _parse_labels(json.loads(raw.members[JSON_EXT]))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
             return Skip("bad_json", f"{where}.json", f"json is unusable: {e}")
     try:
         img = preprocess.load_image(raw.members[image_ext])

@@ -63,6 +63,7 @@ BAD_SAMPLES = [
     ("blank", {"jpg": jpeg(4), "txt": b"  \n "}, "empty_caption"),
     ("badjson", {"jpg": jpeg(5), "txt": b"caption", "json": b"{not json"}, "bad_json"),
     ("badlabels", {"jpg": jpeg(6), "txt": b"caption", "json": b'{"labels": "cat"}'}, "bad_json"),
+    ("deepjson", {"jpg": jpeg(9), "txt": b"caption", "json": b"[" * 100_000}, "bad_json"),  # RecursionError
 ]
 
 
