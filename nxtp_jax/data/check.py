@@ -12,7 +12,6 @@ before its first sample: a text file, a gzip, a shard cut inside its first heade
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence, TextIO
 

@@ -30,7 +30,6 @@ SKIP_KINDS = (
 MAX_TEXT_BYTES = 1 << 20
 
 
-
 @dataclasses.dataclass
 class RawSample:
     """Member bytes of one sample (by extension), or the problem that stands in for it."""
