@@ -60,6 +60,20 @@ def read_sample(fd: ShardFile, key: str, members: dict[str, TarMember], epoch: i
     return RawSample(key, fd.path, data, epoch)
 
 
+def read_texts(fd: ShardFile, key: str, members: dict[str, TarMember]) -> dict[str, bytes]:
+    """A sample's txt and json bytes, for readers that need no image (tokenizer corpus, label
+    counts); {} if one is above MAX_TEXT_BYTES or cut short."""
+    return read_sample(fd, key, {ext: m for ext, m in members.items() if ext in (CAPTION_EXT, JSON_EXT)}).members
+
+
+def load_json(data: bytes) -> Any:
+    """The parsed json, or None where it does not parse (not UTF-8, bad syntax, nested too deep)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
 def broken_sample(e: TarFormatError, epoch: int = 0) -> RawSample:
     """The stand-in for the rest of a shard after a TarFormatError: one skip of its kind."""
     return RawSample(f"@{e.offset}", e.shard, {}, epoch, (e.kind, e.member or f"@{e.offset}", str(e)))

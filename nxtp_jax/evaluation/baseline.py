@@ -16,6 +16,7 @@ from etils import epath
 from ml_collections import config_dict
 
 from nxtp_jax.data import registry, tar
+from nxtp_jax.data.samples import load_json, read_texts
 from nxtp_jax.evaluation import job as evaluate
 
 BASELINE_KEY = "frequency_baseline"
@@ -31,7 +32,7 @@ def training_labels(shards: Iterable[str], max_samples: int) -> Iterable[list[st
                     return
                 if isinstance(group, tar.TarFormatError) or tar.JSON_EXT not in group.members:
                     continue
-                meta = json.loads(tar.read_bytes(fd, group.members[tar.JSON_EXT]) or b"{}")
+                meta = load_json(read_texts(fd, group.key, group.members).get(tar.JSON_EXT) or b"{}")
                 if isinstance(meta, dict) and isinstance(meta.get("labels"), list):
                     seen += 1
                     yield [str(label) for label in meta["labels"]]

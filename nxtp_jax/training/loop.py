@@ -33,6 +33,7 @@ from ml_collections import config_dict
 from nxtp_jax import checkpoint, experiment, prompts, sharding
 from nxtp_jax.training import optim, inputs as train_inputs, step as train_state
 from nxtp_jax.data import pipeline, registry, tar
+from nxtp_jax.data.samples import load_json, read_texts
 from nxtp_jax.models.config import ModelConfig
 from nxtp_jax.models.layers import Activations
 from nxtp_jax.models.recognizer import Recognizer
@@ -111,11 +112,11 @@ def tokenizer_corpus(shards: list[str], max_texts: int) -> list[str]:
                     break
                 if isinstance(group, tar.TarFormatError):
                     continue
-                members = group.members
+                members = read_texts(fd, group.key, group.members)  # size-capped; bad json is None
                 if tar.CAPTION_EXT in members:
-                    texts.append(tar.read_bytes(fd, members[tar.CAPTION_EXT]).decode("utf-8", errors="ignore"))
+                    texts.append(members[tar.CAPTION_EXT].decode("utf-8", errors="ignore"))
                 if tar.JSON_EXT in members:
-                    meta = json.loads(tar.read_bytes(fd, members[tar.JSON_EXT]) or b"{}")
+                    meta = load_json(members[tar.JSON_EXT] or b"{}")
                     if isinstance(meta, dict) and isinstance(meta.get("labels"), list):
                         texts.append(", ".join(str(label) for label in meta["labels"]))
                 samples += 1

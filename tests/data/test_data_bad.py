@@ -284,3 +284,20 @@ def test_training_skips_the_rest_of_a_shard_with_a_lying_pax_size_and_keeps_goin
         batches = [next(it) for _ in range(6)]  # two epochs of the three good samples
     assert sorted(str(b["key"][0]) for b in batches) == sorted(["before", "k1", "k2"] * 2)
     assert sum(skip_summary(b)["skipped/corrupt_tar"] for b in batches) >= 1
+
+
+def test_corpus_and_label_readers_skip_bad_json_and_oversized_text(tmp_path):
+    from nxtp_jax.evaluation.baseline import training_labels
+    from nxtp_jax.training.loop import tokenizer_corpus
+
+    shard = str(tmp_path / "t.tar")
+    write_shard(shard, [
+        ("a", {"jpg": b"x", "txt": b"first caption", "json": b'{"labels": ["cat"]}'}),
+        ("b", {"jpg": b"x", "txt": b"second", "json": b"{not json"}),
+        ("c", {"jpg": b"x", "txt": b"x" * (MAX_TEXT_BYTES + 1), "json": b"[" * 100_000}),
+        ("d", {"jpg": b"x", "txt": b"last", "json": b'{"labels": ["dog"]}'}),
+    ])
+    texts = tokenizer_corpus([shard], max_texts=10)
+    assert [t for t in texts if t in ("first caption", "cat", "second", "last", "dog")] == ["first caption", "cat", "second", "last", "dog"]
+    assert not any(t.startswith("xxx") for t in texts)
+    assert list(training_labels([shard], 0)) == [["cat"], ["dog"]]
