@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from nxtp_jax.models.config import VisionConfig
-from nxtp_jax.models.layers import LayerNorm, dense, param_with_axes
+from nxtp_jax.models.layers import Activations, LayerNorm, constrain, dense, param_with_axes, scan_blocks
+
+RESIDUAL = ("batch", "length", "vit_embed")  # the residual stream at block boundaries
 
 
 class Attention(nn.Module):
@@ -27,20 +29,24 @@ class Attention(nn.Module):
     causal: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    activations: Activations | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, w = x.shape
         kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = dense(3 * w, ("vit_embed", "vit_qkv"), name="in_proj", **kw)(x)
-        q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.heads, w // self.heads), 3, axis=2)
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        heads = ("batch", "length", "vit_heads", "head_dim")
+        qkv = jnp.split(qkv.reshape(b, t, 3 * self.heads, w // self.heads), 3, axis=2)
+        q, k, v = (constrain(a, heads, self.activations) for a in qkv)
+        o = constrain(jax.nn.dot_product_attention(q, k, v, is_causal=self.causal), heads, self.activations)
         return dense(w, ("vit_heads", "vit_embed"), name="out_proj", **kw)(o.reshape(b, t, w))
 
 
 class MLP(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    activations: Activations | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,6 +54,7 @@ class MLP(nn.Module):
         kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
         h = dense(4 * w, ("vit_embed", "vit_mlp"), name="c_fc", **kw)(x)
         h = h * jax.nn.sigmoid(1.702 * h)  # QuickGELU, as OpenAI trained it
+        h = constrain(h, ("batch", "length", "vit_mlp"), self.activations)
         return dense(w, ("vit_mlp", "vit_embed"), name="c_proj", **kw)(h)
 
 
@@ -56,14 +63,16 @@ class ResidualAttentionBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     causal: bool = False
+    activations: Activations | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, activations=self.activations)
         ln_1 = LayerNorm(param_dtype=self.param_dtype, name="ln_1")
         ln_2 = LayerNorm(param_dtype=self.param_dtype, name="ln_2")
         x = x + Attention(self.heads, self.causal, name="attn", **kw)(ln_1(x).astype(self.dtype))
-        return x + MLP(name="mlp", **kw)(ln_2(x).astype(self.dtype))
+        x = constrain(x, RESIDUAL, self.activations)
+        return constrain(x + MLP(name="mlp", **kw)(ln_2(x).astype(self.dtype)), RESIDUAL, self.activations)
 
 
 class Transformer(nn.Module):
@@ -72,11 +81,19 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     causal: bool = False
+    activations: Activations | None = None
+    scan: bool = False  # one lax.scan over the blocks (see layers.scan_blocks): same params, same results
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = constrain(x, RESIDUAL, self.activations)
+        args = (self.heads, self.dtype, self.param_dtype, self.causal, self.activations)
+        if self.scan and not self.is_initializing():
+            params = [self.variables["params"][f"resblocks_{i}"] for i in range(self.layers)]
+            block = ResidualAttentionBlock(*args, parent=None)
+            return scan_blocks(block, params, x, lambda m, p, h: m.apply({"params": p}, h), remat=False)
         for i in range(self.layers):
-            x = ResidualAttentionBlock(self.heads, self.dtype, self.param_dtype, self.causal, name=f"resblocks_{i}")(x)
+            x = ResidualAttentionBlock(*args, name=f"resblocks_{i}")(x)
         return x
 
 
@@ -87,6 +104,8 @@ class VisionTransformer(nn.Module):
     out_dim: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    activations: Activations | None = None
+    scan: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -115,7 +134,9 @@ class VisionTransformer(nn.Module):
         )
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, w)), x], axis=1)
         x = LayerNorm(param_dtype=self.param_dtype, name="ln_pre")(x + pos.astype(x.dtype)).astype(self.dtype)
-        x = Transformer(cfg.layers, cfg.heads, self.dtype, self.param_dtype, name="transformer")(x)
+        x = Transformer(
+            cfg.layers, cfg.heads, self.dtype, self.param_dtype, activations=self.activations, scan=self.scan, name="transformer"
+        )(x)
         x = LayerNorm(param_dtype=self.param_dtype, name="ln_post")(x).astype(self.dtype)
         return dense(
             self.out_dim,

@@ -1,18 +1,65 @@
 """Small building blocks shared by the encoder and the decoder.
 
-Every parameter carries logical axis names (`embed`, `heads`, `mlp`, `vocab`, ...);
-the config's rules map them to mesh axes, so parallelism is a config change.
+Every parameter carries logical axis names (`embed`, `heads`, `mlp`, `vocab`, ...),
+and so do the activations at block boundaries (`batch`, `length`, `embed`, ...); the
+config's rules map them to mesh axes, so parallelism is a config change.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 Axes = Sequence[str | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """Where activations live: a mesh, and the logical-axis rules that place them on it."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, Any], ...]
+
+    def __post_init__(self):
+        # Hashable whatever the config held (lists after a JSON round trip).
+        rules = tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in self.rules)
+        object.__setattr__(self, "rules", rules)
+
+
+def constrain(x: jax.Array, axes: Axes, activations: Activations | None) -> jax.Array:
+    """Pins `x`'s layout by logical axis names, as MaxText does; a no-op without a mesh (`activations` None).
+
+    An axis name without a rule is an error. A name whose mesh axis an earlier name
+    already took (the activations' `embed` after `batch` took `fsdp`) is replicated.
+    """
+    if activations is None:
+        return x
+    from nxtp_jax import sharding  # models stay importable without the training stack
+
+    sharding.check_rules(PartitionSpec(*axes), activations.rules)
+    return nn.with_logical_constraint(x, tuple(axes), rules=activations.rules, mesh=activations.mesh)
+
+
+def scan_blocks(block: nn.Module, layer_params: Sequence[Any], x: jax.Array, call: Callable, remat: bool) -> jax.Array:
+    """Runs identical blocks as one `lax.scan`: compile time stops growing with depth.
+
+    The per-layer params (the checkpoints' `layers_{i}` / `resblocks_{i}`) are stacked on
+    a leading axis inside the forward pass, so checkpoints, importers, the trainable
+    patterns and the optimizer state keep the per-layer layout; the gradient flows back
+    through the stack. `call(block, params, x)` applies one block.
+    """
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_params)
+
+    def body(h, params):
+        return call(block, params, h), None
+
+    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, stacked)
+    return x
 
 default_kernel_init = nn.initializers.lecun_normal()
 

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from nxtp_jax.models.config import DecoderConfig
-from nxtp_jax.models.layers import RMSNorm, dense
+from nxtp_jax.models.layers import Activations, RMSNorm, constrain, dense, scan_blocks
 
 Cache = tuple[tuple[jax.Array, jax.Array], ...]
+RESIDUAL = ("batch", "length", "embed")  # the residual stream at block boundaries
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -48,18 +49,20 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: str | None = None  # None (XLA) or "cudnn" (flash attention on NVIDIA GPUs)
+    activations: Activations | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=0, capture_attention=False):
         cfg = self.config
         b, t, _ = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        heads, kv_heads = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
         q = dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), name="wq", **kw)(x)
         k = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="wk", **kw)(x)
         v = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="wv", **kw)(x)
-        q = apply_rope(q.reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
-        k = apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, cfg.rope_theta)
-        v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
+        q = constrain(apply_rope(q.reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta), heads, self.activations)
+        k = constrain(apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, cfg.rope_theta), kv_heads, self.activations)
+        v = constrain(v.reshape(b, t, cfg.kv_heads, cfg.head_dim), kv_heads, self.activations)
 
         if cache is not None:
             ck, cv = cache
@@ -70,7 +73,7 @@ class Attention(nn.Module):
 
         if capture_attention:
             self.sow("intermediates", "attention_weights", attention_weights(q, k, mask))
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        o = constrain(jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation), heads, self.activations)
         out = dense(cfg.dim, ("heads", "embed"), name="wo", **kw)(o.reshape(b, t, cfg.n_heads * cfg.head_dim))
         return out, cache
 
@@ -79,6 +82,7 @@ class FeedForward(nn.Module):
     config: DecoderConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    activations: Activations | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -86,7 +90,8 @@ class FeedForward(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gate = dense(cfg.hidden_dim, ("embed", "mlp"), name="w1", **kw)(x)
         up = dense(cfg.hidden_dim, ("embed", "mlp"), name="w3", **kw)(x)
-        return dense(cfg.dim, ("mlp", "embed"), name="w2", **kw)(jax.nn.silu(gate) * up)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"), self.activations)
+        return dense(cfg.dim, ("mlp", "embed"), name="w2", **kw)(hidden)
 
 
 class TransformerBlock(nn.Module):
@@ -94,11 +99,12 @@ class TransformerBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: str | None = None
+    activations: Activations | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=0, capture_attention=False):
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, activations=self.activations)
         h, cache = Attention(cfg, implementation=self.implementation, name="attention", **kw)(
             RMSNorm(cfg.norm_eps, self.param_dtype, name="attention_norm")(x),
             positions,
@@ -107,9 +113,9 @@ class TransformerBlock(nn.Module):
             cache_index,
             capture_attention,
         )
-        h = x + h
+        h = constrain(x + h, RESIDUAL, self.activations)
         out = h + FeedForward(cfg, name="feed_forward", **kw)(RMSNorm(cfg.norm_eps, self.param_dtype, name="ffn_norm")(h))
-        return out, cache
+        return constrain(out, RESIDUAL, self.activations), cache
 
 
 class Decoder(nn.Module):
@@ -120,6 +126,8 @@ class Decoder(nn.Module):
     param_dtype: Any = jnp.float32
     implementation: str | None = None
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
+    activations: Activations | None = None
+    scan: bool = False  # one lax.scan over the blocks without a cache (see layers.scan_blocks): same params, same results
 
     def setup(self):
         cfg = self.config
@@ -132,7 +140,8 @@ class Decoder(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
         )
         self.layers = [
-            block(cfg, self.dtype, self.param_dtype, self.implementation, name=f"layers_{i}") for i in range(cfg.layers)
+            block(cfg, self.dtype, self.param_dtype, self.implementation, self.activations, name=f"layers_{i}")
+            for i in range(cfg.layers)
         ]
         self.norm = RMSNorm(cfg.norm_eps, self.param_dtype)
         self.output = dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype, name="output")
@@ -143,6 +152,13 @@ class Decoder(nn.Module):
 
     def __call__(self, h, positions, mask, cache: Cache | None = None, cache_index=0, capture_attention: bool = False):
         """Embeddings [B, T, D] -> final-normed hidden states [B, T, D] and the updated cache."""
+        h = constrain(h, RESIDUAL, self.activations)
+        if self.scan and cache is None and not capture_attention and not self.is_initializing():
+            cfg = self.config
+            params = [self.variables["params"][f"layers_{i}"] for i in range(cfg.layers)]
+            block = TransformerBlock(cfg, self.dtype, self.param_dtype, self.implementation, self.activations, parent=None)
+            h = scan_blocks(block, params, h, lambda m, p, x: m.apply({"params": p}, x, positions, mask)[0], self.remat)
+            return self.norm(h), None
         new_cache = []
         for i, layer in enumerate(self.layers):
             h, c = layer(h, positions, mask, None if cache is None else cache[i], cache_index, capture_attention)
