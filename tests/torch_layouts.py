@@ -2,6 +2,8 @@
 
 - `write_openai_clip_torchscript`: OpenAI's CLIP TorchScript archive (`ViT-L-14.pt`), image
   and text towers, with the `input_resolution` / `context_length` / `vocab_size` entries.
+- `write_openai_clip_archive_from_openai_code`: the same kind of archive made by openai-clip's
+  own `clip/model.py` (`build_model`, fp16 weights), traced and saved.
 - `write_meta_llama_dir`: Meta's LLaMA-2 directory (`params.json`, `consolidated.*.pth`),
   optionally split into model-parallel shards as fairscale splits them.
 - `write_hf_llama_dir`: a Hugging Face `LlamaForCausalLM` directory (`save_pretrained`).
@@ -157,6 +159,47 @@ def write_openai_clip_torchscript(
         scripted = torch.jit.script(model.eval())
         torch.jit.save(scripted, str(path))
     return {k: v.detach().clone() for k, v in scripted.state_dict().items()}
+
+
+def openai_clip_model_code():
+    """openai-clip's `clip/model.py`, loaded by file: the package's __init__ needs torchvision."""
+    import importlib.util
+
+    package = importlib.util.find_spec("clip")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("expected the openai-clip package (the test extra installs it), found no 'clip'")
+    path = pathlib.Path(list(package.submodule_search_locations)[0]) / "model.py"
+    spec = importlib.util.spec_from_file_location("_openai_clip_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_openai_clip_archive_from_openai_code(
+    path: str | os.PathLike, width: int = 128, layers: int = 2, patch: int = 4, resolution: int = 16, seed: int = 0
+) -> dict[str, Tensor]:
+    """A CLIP archive made by OpenAI's own code; returns its state dict (fp16, OpenAI names).
+
+    `clip.model.CLIP` with random weights -> `build_model(state_dict)` (which reads the
+    architecture off the state dict and casts the weights to fp16, as in OpenAI's archives) ->
+    `torch.jit.trace` on an image and a text -> `torch.jit.save`.
+    """
+    code = openai_clip_model_code()
+    torch.manual_seed(seed)
+    model = code.CLIP(
+        embed_dim=32, image_resolution=resolution, vision_layers=layers, vision_width=width,
+        vision_patch_size=patch, context_length=8, vocab_size=50, transformer_width=64,
+        transformer_heads=1, transformer_layers=1,
+    )
+    randomize(model, seed)
+    built = code.build_model(model.state_dict()).eval()
+    image, text = torch.zeros(1, 3, resolution, resolution), torch.zeros(1, 8, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")  # tracer warnings; TorchScript is deprecated but is OpenAI's format
+        # check_trace would rerun the fp16 model and trip on dtype attributes it compares
+        traced = torch.jit.trace(built, (image, text), check_trace=False)
+        torch.jit.save(traced, str(path))
+    return {k: v.detach().clone() for k, v in traced.state_dict().items()}
 
 
 def openai_clip_visual(state: Mapping[str, Tensor]) -> nn.Module:

@@ -157,8 +157,10 @@ def test_unreachable_intermediate_size_fails():
 # OpenAI CLIP
 
 
-def test_clip_config_is_read_off_the_torchscript_archive(tmp_path):
-    state = tl.write_openai_clip_torchscript(tmp_path / "clip.pt", width=128, layers=3, patch=4, resolution=16)
+def test_clip_config_is_read_off_a_torchscript_archive_built_by_openai_clip(tmp_path):
+    """The archive comes from openai-clip's own model code (build_model, fp16, traced), as ViT-L-14.pt."""
+    state = tl.write_openai_clip_archive_from_openai_code(tmp_path / "clip.pt", width=128, layers=3, patch=4, resolution=16)
+    assert state["visual.conv1.weight"].dtype == torch.float16
     assert is_torchscript(tmp_path / "clip.pt")
     source = clip.open_openai_clip(tmp_path / "clip.pt")
     cfg, archive_size = clip.infer_vision_config(source)
@@ -167,14 +169,16 @@ def test_clip_config_is_read_off_the_torchscript_archive(tmp_path):
     assert len(report.kept) == 7 + 3 * 12
     assert set(report.kept) | set(report.dropped) == set(state)
     assert report.dropped["visual.proj"].startswith("CLIP's own projection")
-    assert report.dropped["input_resolution"] == "archive metadata"
     not_text = {"logit_scale", "input_resolution", "context_length", "vocab_size"}
     text_tower = [k for k in state if not k.startswith("visual.") and k not in not_text]
     assert report.drop_counts()["CLIP text tower"] == len(text_tower) == 17
-    np.testing.assert_array_equal(flat["vision_encoder/conv1/kernel"], state["visual.conv1.weight"].numpy().transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(
-        flat["vision_encoder/transformer/resblocks_2/attn/in_proj/kernel"],
-        state["visual.transformer.resblocks.2.attn.in_proj_weight"].numpy().T,
+        np.asarray(flat["vision_encoder/conv1/kernel"], np.float32),
+        state["visual.conv1.weight"].float().numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(flat["vision_encoder/transformer/resblocks_2/attn/in_proj/kernel"], np.float32),
+        state["visual.transformer.resblocks.2.attn.in_proj_weight"].float().numpy().T,
     )
 
 
@@ -184,6 +188,8 @@ def test_clip_plain_state_dict_is_accepted(tmp_path):
     assert not is_torchscript(tmp_path / "state.pt")
     source = clip.open_openai_clip(tmp_path / "state.pt")
     assert set(source.keys()) == set(state)
+    _, report = apply_table(source, clip.openai_clip_table(*clip.infer_vision_config(source)))
+    assert report.dropped["input_resolution"] == "archive metadata"
 
 
 def test_clip_other_image_size_drops_the_positional_embedding(tmp_path):
