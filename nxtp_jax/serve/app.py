@@ -229,8 +229,7 @@ class Service:
             known = ", ".join(sorted(self.runner.vocabs)) or "none were loaded (start the server with --vocab=NAME:FILE)"
             raise ApiError(400, f"unknown vocab {vocab!r}; known: {known}")
         self._check_ready()
-        image = await asyncio.to_thread(decode_image, data, self.limits.max_pixels)
-        x = await asyncio.to_thread(lambda: self.tagger.preprocess([image])[0])
+        x = await asyncio.to_thread(self._normalised, data)
         try:
             future = self.batcher.submit(x, k, min_prob, vocab)
         except asyncio.QueueFull:
@@ -275,6 +274,10 @@ class Service:
         if self.batcher is not None:
             self.metrics.queue_depth.set(self.batcher.waiting)
         return Response(prom.generate_latest(self.metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+    def _normalised(self, data: bytes) -> np.ndarray:
+        """Checked, decoded, resized, cropped and normalised: [R, R, 3] (on a worker thread)."""
+        return self.tagger.preprocess([decode_image(data, self.limits.max_pixels)])[0]
 
     def _check_ready(self) -> None:
         if not self.ready.is_set():

@@ -67,7 +67,8 @@ function showLabels(list, labels) {
     li.className = "label";
     const name = document.createElement("span");
     name.className = "name";
-    name.textContent = label;
+    name.textContent = label === "" ? "(empty)" : label;  // a branch that sampled the delimiter first
+    name.title = label;
     const bar = document.createElement("div");
     bar.className = "bar";
     const fill = document.createElement("span");
