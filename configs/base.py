@@ -135,10 +135,10 @@ def get_config() -> config_dict.ConfigDict:
     c.eval.ranking = "prob"  # prob | ppl | sim | none | clip
     c.eval.vocab = ""  # closed vocabulary: a file with one label per line (constrained one-shot); "" = open
     c.eval.batch_size = 64  # images per forward pass (per host)
+    c.eval.quantize = "none"  # decoder weights: none | int8 (per output channel) | int4 (groups of 128)
     c.eval.embedder = "minilm"  # metric embedder: minilm | exact | clip
     c.eval.clip_archive = ""  # OpenAI's ViT-L-14.pt, for ranking "clip" and embedder "clip"
     c.eval.max_images = 0  # evaluate the first N images only; 0 = all
     c.eval.examples = 0  # predictions printed for this many images
     c.eval.baseline = False  # also score the frequency baseline (the k most common training labels)
-    c.eval.clip_archive = ""  # OpenAI CLIP checkpoint (ViT-L-14.pt) for ranking="clip" and embedder="clip"
     return c

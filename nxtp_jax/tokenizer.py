@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 import re
 from typing import Iterable, Sequence
 
 import sentencepiece
-from etils import epath
 
 IMAGE_TOKEN = "<|image|>"
 EMPTY_TOKEN = "<|empty|>"
@@ -26,13 +26,23 @@ DELIMITER = ","
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
+def _path(path: str | os.PathLike) -> pathlib.Path:
+    """An `etils.epath` path (local, gs:// and the other backends); where etils is not installed
+    (the ONNX runner's environment: onnxruntime, numpy, pillow, sentencepiece) a local path."""
+    try:
+        from etils import epath
+    except ImportError:
+        return pathlib.Path(path)
+    return epath.Path(path)
+
+
 class Tokenizer:
     """Sentencepiece model plus `<|image|>` and `<|empty|>`; pad id -1 indexes the last row."""
 
     pad_id: int = -1
 
     def __init__(self, model_path: str | os.PathLike):
-        self.model_path = epath.Path(model_path)  # local, or any epath backend (gs://...)
+        self.model_path = _path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(
                 f"expected a sentencepiece model file at {self.model_path}, found nothing there; "
@@ -98,7 +108,7 @@ class Tokenizer:
 
 def train_sentencepiece(
     texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int
-) -> epath.Path:
+) -> pathlib.Path:
     """Train a small LLaMA-like BPE model (unk=0, bos=1, eos=2, no pad, byte fallback) on `texts`.
 
     "," is a user-defined piece so that it is always a token of its own, as the delimiter must
@@ -109,7 +119,7 @@ def train_sentencepiece(
         raise ValueError(
             "expected at least one non-empty text to train the tokenizer on, found none"
         )
-    out_path = epath.Path(out_path)
+    out_path = _path(out_path)
     buf = io.BytesIO()
     try:
         sentencepiece.SentencePieceTrainer.train(
