@@ -99,7 +99,7 @@ def build(config, mesh, rules, abstract_only: bool):
     from nxtp_jax.training import optim, loop as train, step as train_state
 
     model_cfg = experiment.model_config(config, vocabulary())
-    model = train.build_model(config, model_cfg)
+    model = train.build_model(config, model_cfg, mesh)
     schedule, make_tx = optim.from_config(config)
     if abstract_only:
         abstract = checkpoint.abstract_params(model, mesh, rules)
@@ -149,11 +149,11 @@ def report_memory(config, mesh, rules) -> None:
         print(f"{name:18s} {gib(t):>11s} {gib(d):>11s} {t / max(d, 1):7.2f}x")
 
 
-def bench(config, mesh, rules) -> None:
+def measure(config, mesh, rules, steps: int, warmup: int) -> dict:
+    """Builds, compiles and times the train step: the figures as a dict (bench_accelerator.py reuses it)."""
     import jax
     import numpy as np
 
-    from nxtp_jax import experiment
     from nxtp_jax.training import inputs as train_inputs
 
     t0 = time.perf_counter()
@@ -164,27 +164,47 @@ def bench(config, mesh, rules) -> None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0))
-    print(f"built and compiled in {time.perf_counter() - t0:.1f} s; XLA counts {flops / 1e12:.3f} TFLOP per device per step")
-    for _ in range(_WARMUP.value):
+    build_s = time.perf_counter() - t0
+    for _ in range(warmup):
         state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
-    for _ in range(_STEPS.value):
+    for _ in range(steps):
         state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
-    dt = (time.perf_counter() - t0) / _STEPS.value
+    dt = (time.perf_counter() - t0) / steps
+    peak, source = peak_tflops(jax.devices()[0])
+    return {
+        "build_s": build_s,
+        "tflop_per_device_step": flops / 1e12,
+        "step_ms": dt * 1e3,
+        "samples_per_s": config.batch_size / dt,
+        "tflops_per_device": flops / dt / 1e12,
+        "mfu": flops / dt / (peak * 1e12),
+        "peak_tflops": peak,
+        "peak_source": source,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def bench(config, mesh, rules) -> None:
+    import jax
+
+    from nxtp_jax import experiment
+
+    r = measure(config, mesh, rules, _STEPS.value, _WARMUP.value)
+    print(f"built and compiled in {r['build_s']:.1f} s; XLA counts {r['tflop_per_device_step']:.3f} TFLOP per device per step")
     device = jax.devices()[0]
-    peak, source = peak_tflops(device)
-    samples = config.batch_size / dt
+    samples = r["samples_per_s"]
     print(
         f"{device.device_kind} x{mesh.devices.size}, mesh {dict(mesh.shape)}, batch {config.batch_size}, "
         f"seq {config.max_seq_len} ({experiment.num_image_tokens(config)} image + {experiment.text_length(config)} text), "
         f"{config.model.dtype} compute, {config.model.param_dtype} params"
     )
     print(
-        f"step {dt * 1e3:.1f} ms | {samples:.1f} samples/s ({samples / mesh.devices.size:.1f} per device) | "
-        f"{samples * config.max_seq_len:.0f} tokens/s | {flops / dt / 1e12:.2f} TFLOP/s per device | "
-        f"MFU {flops / dt / (peak * 1e12):.1%} of {peak:.1f} TFLOP/s ({source}) | loss {float(metrics['loss']):.3f}"
+        f"step {r['step_ms']:.1f} ms | {samples:.1f} samples/s ({samples / mesh.devices.size:.1f} per device) | "
+        f"{samples * config.max_seq_len:.0f} tokens/s | {r['tflops_per_device']:.2f} TFLOP/s per device | "
+        f"MFU {r['mfu']:.1%} of {r['peak_tflops']:.1f} TFLOP/s ({r['peak_source']}) | loss {r['loss']:.3f}"
     )
 
 
