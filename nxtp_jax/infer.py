@@ -285,5 +285,10 @@ def tag_to_file(inputs: list[str], output: str) -> None:
           file=sys.stderr, flush=True)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `nxtp-tag` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

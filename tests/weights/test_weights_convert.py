@@ -201,6 +201,20 @@ def test_cli_hf_layout_in_bfloat16(sources, tmp_path):
     assert "layers_1" not in params["language_decoder"]
 
 
+def test_cli_llama_dir_pointed_at_a_hugging_face_folder_reads_it_as_one(sources, tmp_path):
+    hf_state = tl.write_hf_llama_dir(tmp_path / "hf", n_layers=2, n_kv_heads=2, seed=6)
+    assert not (tmp_path / "hf" / "params.json").exists()
+    out = tmp_path / "ckpt"
+    res = run_cli("--clip", sources["clip"], "--llama-dir", tmp_path / "hf", "--tokenizer", sources["tokenizer"],
+                  "--layers", 1, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "reading it as the Hugging Face layout (--llama_hf_dir)" in res.stderr
+    _, params = load(out)
+    wq = get(params, ("language_decoder", "layers_0", "attention", "wq", "kernel"))
+    meta_wq = tl.hf_to_meta_state(hf_state, n_heads=4, n_kv_heads=2)["layers.0.attention.wq.weight"]
+    np.testing.assert_array_equal(wq, f32(meta_wq).T)
+
+
 def test_other_image_size_gets_a_fresh_positional_embedding(sources):
     conv = convert(clip_path=sources["clip"], tokenizer_path=sources["tokenizer"], llama_dir=sources["llama"],
                    layers=1, image_size=32)
