@@ -40,6 +40,9 @@ NUM_LABELS = flags.DEFINE_integer("num_labels", 10, "k of the one-shot sampling:
 JSON = flags.DEFINE_bool("json", False, "Print JSON instead of the original's text lines.")
 RANKING = flags.DEFINE_enum("ranking", "prob", ["prob", "ppl", "sim", "none"], "How labels are ranked.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
+QUANTIZE = flags.DEFINE_enum(
+    "quantize", "none", ["none", "int8", "int4"], "Decoder weights in 8 bits per output channel or 4 bits in groups (CPU: faster)."
+)
 MIN_PROB = flags.DEFINE_float("min_prob", 0.0, "Drop labels scored below this probability (ranking 'prob').")
 VOCAB = flags.DEFINE_string(
     "vocab", None, "A closed vocabulary, one label per line: decoding is constrained to its labels (docs/tagging.md)."
@@ -116,7 +119,7 @@ def tag(paths: list[str]) -> int:
 
     if not paths:
         raise app.UsageError("give at least one image path")
-    tagger = Tagger.load(CKPT.value, batch_size=BATCH_SIZE.value)
+    tagger = Tagger.load(CKPT.value, batch_size=BATCH_SIZE.value, quantize=QUANTIZE.value)
     vocab = load_vocabulary(tagger)
     start = time.perf_counter()
     exists = [pathlib.Path(p).is_file() for p in paths]
@@ -255,7 +258,7 @@ def tag_to_file(inputs: list[str], output: str) -> None:
     out = output_path(output, index, count)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out)
-    tagger = Tagger.load(CKPT.value, batch_size=BATCH_SIZE.value)
+    tagger = Tagger.load(CKPT.value, batch_size=BATCH_SIZE.value, quantize=QUANTIZE.value)
     vocab = load_vocabulary(tagger)
     images = iter_images(inputs, lambda i, key: i % count == index and key not in done)
     tagged = failed = 0

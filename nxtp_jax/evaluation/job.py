@@ -60,9 +60,11 @@ class Prediction:
     sampled: list[tuple[str, float]] | None = None
 
 
-def load_tagger(ckpt: str | os.PathLike, mesh: Mesh, *, dtype: Any, param_dtype: Any, batch_size: int) -> Tagger:
+def load_tagger(
+    ckpt: str | os.PathLike, mesh: Mesh, *, dtype: Any, param_dtype: Any, batch_size: int, quantize: str = "none"
+) -> Tagger:
     """`Tagger.load` onto this process's mesh (a checkpoint directory or a training workdir)."""
-    return Tagger.load(ckpt, dtype=dtype, param_dtype=param_dtype, mesh=mesh, batch_size=batch_size)
+    return Tagger.load(ckpt, dtype=dtype, param_dtype=param_dtype, mesh=mesh, batch_size=batch_size, quantize=quantize)
 
 
 def place_params(params: Any, mesh: Mesh) -> Any:
@@ -366,6 +368,7 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
         dtype=experiment.dtype(config.model.dtype),
         param_dtype=experiment.dtype(config.model.param_dtype),
         batch_size=cfg.batch_size,
+        quantize=cfg.get("quantize", "none"),
     )
     reranker = None
     if cfg.ranking == "clip":

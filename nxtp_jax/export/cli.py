@@ -1,6 +1,6 @@
 """`nxtp-export` (or `python convert/to_onnx.py`): an nxtp_jax checkpoint to ONNX, checked against JAX.
 
-    nxtp-export --ckpt DIR --out ONNX_DIR [--dtype float32|float16] [--opset N]
+    nxtp-export --ckpt DIR --out ONNX_DIR [--dtype float32|float16] [--quantize none|int8|int4] [--opset N]
 
 Writes encoder.onnx, decoder.onnx + decoder.onnx.data (one graph for the prefill and the
 KV-cached steps), embeddings.npy, tokenizer.model and config.json; run the result with
@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="nxtp_jax checkpoint directory (convert/from_torch.py or training)")
     p.add_argument("--out", required=True, help="output directory (must not hold an export yet)")
     p.add_argument("--dtype", choices=sorted(onnx_export.DTYPES), default="float32", help="weights and activations")
+    p.add_argument(
+        "--quantize", choices=onnx_export.QUANTIZE, default="none",
+        help="decoder weights in 8 or 4 bits (MatMulNBits, blocks of 128 rows; activations stay float32)",
+    )
     p.add_argument("--opset", type=int, default=onnx_export.DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--no_check", action="store_true", help="skip the ONNX Runtime vs JAX check")
     return p.parse_args(argv)
@@ -40,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        onnx_export.export_checkpoint(args.ckpt, args.out, dtype=args.dtype, opset=args.opset, check=not args.no_check)
+        onnx_export.export_checkpoint(
+            args.ckpt, args.out, dtype=args.dtype, quantize=args.quantize, opset=args.opset, check=not args.no_check
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -36,6 +36,8 @@ from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16}
+QUANTIZE = ("none", "int8", "int4")
+QUANT_BLOCK = 128  # MatMulNBits' block along K: its block size is a power of two, so no per-channel 11008
 DEFAULT_OPSET = 23
 EXTERNAL_BYTES = 1024 * 1024  # initializers this large go to <graph>.onnx.data (jax2onnx's threshold)
 FILES = {
@@ -194,11 +196,56 @@ def store_weights_as_float16(path: pathlib.Path) -> int:
     return len(casts)
 
 
-def export_checkpoint(ckpt_dir, out_dir, *, dtype: str = "float32", opset: int = DEFAULT_OPSET, check: bool = True, log=print) -> dict:
-    """Loads, exports and (with `check`) compares every graph with JAX; returns the export's config."""
+def quantize_decoder(path: pathlib.Path, mode: str) -> int:
+    """Stores the decoder's weight matrices in 8 or 4 bits (weight-only; activations stay float32).
+
+    ONNX Runtime's `MatMulNBitsQuantizer`: symmetric, one scale per block of QUANT_BLOCK input rows
+    and output column, a `MatMulNBits` node that dequantizes at use (accuracy_level 0: float32
+    arithmetic). It quantizes MatMul nodes only, so jax2onnx's plain Gemms (A @ B, B a weight)
+    become MatMuls first. Returns the number of quantized matrices.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if mode not in QUANTIZE:
+        raise ValueError(f"expected quantize in {QUANTIZE}, found {mode!r}")
+    if mode == "none":
+        return 0
+    model = onnx.load(os.fspath(path))
+    weights = {t.name: t for t in model.graph.initializer}
+    converted = 0
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA", 0) and not attrs.get("transB", 0)
+        if node.op_type == "Gemm" and len(node.input) == 2 and plain and node.input[1] in weights:
+            node.op_type = "MatMul"
+            del node.attribute[:]
+            converted += 1
+    quantizer = MatMulNBitsQuantizer(model, bits=8 if mode == "int8" else 4, block_size=QUANT_BLOCK, is_symmetric=True)
+    quantizer.process()
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    quantizer.model.save_model_to_file(os.fspath(path), use_external_data_format=True)
+    quantized = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
+    if quantized != converted:
+        raise ValueError(f"{path}: {converted} weight matrices, but {quantized} were quantized; report this with the model's config")
+    return quantized
+
+
+def export_checkpoint(
+    ckpt_dir, out_dir, *, dtype: str = "float32", quantize: str = "none", opset: int = DEFAULT_OPSET, check: bool = True, log=print
+) -> dict:
+    """Loads, exports, quantizes the decoder's weights (`quantize_decoder`) and (with `check`) compares
+    every graph with JAX; returns the export's config."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"expected quantize in {QUANTIZE}, found {quantize!r}")
     model, params = load(ckpt_dir, dtype)
     source = os.fspath(checkpoint.as_path(ckpt_dir))
     config = export_model(model, params, checkpoint.tokenizer_path(ckpt_dir), out_dir, opset=opset, source=source, log=log)
+    if quantize != "none":
+        log(f"quantizing {FILES['decoder']} to {quantize} ...")
+        quantize_decoder(pathlib.Path(out_dir) / FILES["decoder"], quantize)
+    config["quantize"] = quantize
+    (pathlib.Path(out_dir) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if check:
         reference = jax_reference(model, params)
         del params  # so that JAX's copy of the weights and onnxruntime's never coexist

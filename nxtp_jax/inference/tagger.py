@@ -21,6 +21,7 @@ from nxtp_jax.choices import STRATEGIES
 from nxtp_jax.inference import decoding, ranking, sampling, vocabulary
 from nxtp_jax.inference.vocabulary import Vocabulary
 from nxtp_jax.models import mask
+from nxtp_jax.models import quantize as _quantize
 from nxtp_jax.data import preprocess
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.tokenizer import Tokenizer
@@ -57,8 +58,16 @@ class Tagger:
         self.prompt = jnp.asarray(prompts.inference_prompt(tokenizer))
 
     @classmethod
-    def load(cls, ckpt_dir: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, mesh=None, **kw) -> "Tagger":
-        """Loads a checkpoint directory written by `convert/from_torch.py`, or a training workdir (latest step)."""
+    def load(
+        cls, ckpt_dir: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, mesh=None, quantize: str = "none", **kw
+    ) -> "Tagger":
+        """Loads a checkpoint directory written by `convert/from_torch.py`, or a training workdir (latest step).
+
+        `quantize` "int8" (per output channel) or "int4" (in groups) stores the decoder's and the
+        output layer's weights in that many bits, dequantized at use (`models.quantize`); "none" keeps them.
+        """
+        if quantize not in _quantize.MODES:
+            raise ValueError(f"expected quantize in {_quantize.MODES}, found {quantize!r}")
         config = checkpoint.load_config(ckpt_dir)
         tok = Tokenizer(checkpoint.tokenizer_path(ckpt_dir))
         if (tok.image_id, tok.empty_id) != (config.special_tokens.image, config.special_tokens.empty):
@@ -71,7 +80,7 @@ class Tagger:
             params = checkpoint.load_training_params(ckpt_dir, model, mesh)
         else:
             params = checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model, mesh))
-        return cls(model, params, tok, **kw)
+        return cls(model, _quantize.quantize_params(params, quantize), tok, **kw)
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """Paths, PIL images or uint8 arrays -> CLIP-normalised float32 [B, R, R, 3]."""
@@ -168,6 +177,12 @@ class Tagger:
         vocab = self.vocabulary(vocab)
         if vocab is not None and strategy != "one_shot":
             raise ValueError(f"expected strategy 'one_shot' with a vocabulary (the constrained decoder), found {strategy!r}")
+        with _quantize.dequantizing():  # quantized params (Tagger.load(quantize=...)) multiply tile by tile
+            tokens, probs = self._decode(x, num_labels, strategy, key, vocab, **decoder_kw)
+        return {"strategy": strategy, "x": x, "tokens": tokens, "probs": probs}
+
+    def _decode(self, x, num_labels, strategy, key, vocab, **decoder_kw):
+        tok = self.tokenizer
         if strategy == "one_shot":
             trie = None if vocab is None else sampling.Trie.from_vocabulary(vocab)
             tokens, probs = sampling.one_shot(
@@ -181,7 +196,7 @@ class Tagger:
             probs = [[0.0] * len(t) for t in tokens]
         else:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-        return {"strategy": strategy, "x": x, "tokens": tokens, "probs": probs}
+        return tokens, probs
 
     def rank(
         self, sampled: dict, num_labels: int | None, ranking_method: str = "prob", *, min_prob: float = 0.0
@@ -206,13 +221,15 @@ class Tagger:
 
     def image_tokens(self, x: Any) -> np.ndarray:
         """Projected image tokens [B, N, D] of normalised images (as the decoder sees them)."""
-        out = self.model.apply({"params": self.params}, jnp.asarray(x), method=Recognizer.encode_images)
+        with _quantize.dequantizing():
+            out = self.model.apply({"params": self.params}, jnp.asarray(x), method=Recognizer.encode_images)
         return np.asarray(out, np.float32)
 
     def attention_maps(self, image: Any) -> np.ndarray:
         """Image-to-image attention of the prefix pass, [layers, heads, N, N] (row = query token)."""
         n = self.model.config.vision.num_patches
-        weights = _prefix_attention(self.model, self.params, jnp.asarray(self.preprocess([image])), self.prompt)
+        with _quantize.dequantizing():
+            weights = _prefix_attention(self.model, self.params, jnp.asarray(self.preprocess([image])), self.prompt)
         return np.stack([np.asarray(w[0, :, :n, :n]) for w in weights])
 
     def embeddings(self) -> np.ndarray:
@@ -243,7 +260,8 @@ class Tagger:
             self.tokenizer, labels, max_text_len=max_seq_len - n, template=prompts.OBJECT_TEMPLATES[0], rng=None
         )
         images = jnp.asarray(self.preprocess(images))
-        return float(_loss(self.model, self.params, images, text.tokens, text.targets, text.answer_pos, self.tokenizer.delimiter_id))
+        with _quantize.dequantizing():
+            return float(_loss(self.model, self.params, images, text.tokens, text.targets, text.answer_pos, self.tokenizer.delimiter_id))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "delimiter_id"))
