@@ -12,7 +12,7 @@ Labels = Sequence[tuple[str, float]]
 
 
 def format_text(path: str, labels: Labels, k: int) -> str:
-    """The original's lines: `top-k predictions:` then `| prob: 0.54581 - cloud`, under the image path."""
+    """The original's lines: `top-k predictions:` then one `| prob: 0.12345 - label` per label, under the image path."""
     lines = [f"image: {path}", f"top-{k} predictions:"]
     lines += [f"| prob: {prob:.5f} - {label}" for label, prob in labels]
     return "\n".join(lines)
