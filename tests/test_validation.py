@@ -1,27 +1,13 @@
 """Out-of-range settings are refused with one line each: the experiment config, and the checkpoint files a run reads."""
 
-import pathlib
 
 import pytest
 
 from nxtp_jax import checkpoint
 from nxtp_jax.errors import CheckpointError
-from nxtp_jax.experiment import ConfigError, load_config_module, validate
+from nxtp_jax.experiment import ConfigError, validate
 from nxtp_jax.tokenizer import Tokenizer
-
-REPO = pathlib.Path(__file__).parents[1]
-
-
-def demo(tmp_path, **fields):
-    config = load_config_module(REPO / "configs" / "demo.py", "demo.py").get_config("tiny")
-    config.data.root = str(tmp_path)
-    for key, value in fields.items():
-        target = config
-        *parents, last = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[last] = value
-    return config
+from tiny_models import demo_config as demo
 
 
 def test_the_demo_config_is_valid(tmp_path):

@@ -1,13 +1,15 @@
-"""Tiny recognizers with random weights, shared by the model-level tests."""
+"""Tiny recognizers with random weights, and the tiny demo experiment, shared by the tests."""
 
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nxtp_jax.experiment import load_config_module
 from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
 from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.tokenizer import Tokenizer
@@ -42,3 +44,19 @@ def tiny_recognizer(tok: Tokenizer, *, seed: int = 0, delimiter_boost: float = 0
 def random_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, size=(size + 7 * i, size + 3 * i, 3), dtype=np.uint8) for i in range(n)]
+
+
+DEMO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+
+
+def demo_config(data_root, **fields):
+    """configs/demo.py's "tiny" variant with data under `data_root`, and `fields` set by dotted name."""
+    config = load_config_module(str(DEMO_CONFIG), DEMO_CONFIG.name).get_config("tiny")
+    config.data.root = str(data_root)
+    for key, value in fields.items():
+        *parents, last = key.split(".")
+        target = config
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    return config

@@ -14,7 +14,7 @@ import pytest
 
 from nxtp_jax import checkpoint
 from nxtp_jax import params as ptree
-from nxtp_jax.experiment import load_config_module
+from tiny_models import demo_config
 from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.inference.tagger import Tagger
 from nxtp_jax.training.loop import train
@@ -25,17 +25,7 @@ REPO = pathlib.Path(__file__).parents[2]
 
 def tiny_config(data_root, sharded=False, **fields):
     """The tiny demo variant on one device, or with batch and params sharded over two (fsdp 2)."""
-    config = load_config_module(REPO / "configs" / "demo.py", "demo.py").get_config("tiny")
-    config.data.root = str(data_root)
-    config.mode = "train"
-    config.mesh.data, config.mesh.fsdp = 1, (2 if sharded else 1)
-    for key, value in fields.items():
-        target = config
-        *parents, last = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[last] = value
-    return config
+    return demo_config(data_root, **{"mode": "train", "mesh.data": 1, "mesh.fsdp": 2 if sharded else 1, **fields})
 
 
 @pytest.fixture(scope="module")

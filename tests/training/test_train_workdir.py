@@ -13,7 +13,7 @@ import pytest
 
 from nxtp_jax import checkpoint
 from nxtp_jax.errors import WorkdirError
-from nxtp_jax.experiment import load_config_module
+from tiny_models import demo_config
 from nxtp_jax.training import workdir as guard
 from nxtp_jax.training.loop import train
 from nxtp_jax.training.log import read_metrics
@@ -23,18 +23,8 @@ REPO = pathlib.Path(__file__).parents[2]
 
 
 def tiny_config(data_root, **fields):
-    config = load_config_module(REPO / "configs" / "demo.py", "demo.py").get_config("tiny")
-    config.data.root = str(data_root)
-    config.mode = "train"
-    config.mesh.data, config.mesh.fsdp = 1, 1
-    config.total_steps, config.checkpoint.save_interval_steps = 4, 2
-    for key, value in fields.items():
-        target = config
-        *parents, last = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[last] = value
-    return config
+    defaults = {"mode": "train", "mesh.data": 1, "mesh.fsdp": 1, "total_steps": 4, "checkpoint.save_interval_steps": 2}
+    return demo_config(data_root, **{**defaults, **fields})
 
 
 @pytest.fixture(scope="module")
