@@ -34,10 +34,7 @@ def check_shard(shard: str) -> tuple[int, list[Skip]]:
         for i, group in enumerate(groups):
             if isinstance(group, TarFormatError):
                 if i == 0:
-                    raise NotATarShard(
-                        f"not a readable tar shard: {group}; expected a WebDataset .tar "
-                        "(an uncompressed tar: unpack .tar.gz first), repack or remove it"
-                    )
+                    raise NotATarShard(f"not a readable tar shard: {group}")
                 raw = broken_sample(group)
             else:
                 raw = read_sample(fd, group.key, group.members)
