@@ -1,6 +1,5 @@
 """Out-of-range settings are refused with one line each: the experiment config, and the checkpoint files a run reads."""
 
-
 import pytest
 
 from nxtp_jax import checkpoint
