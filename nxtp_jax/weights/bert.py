@@ -7,30 +7,11 @@ and drops the pooler (mean pooling does not use it) and the `position_ids` buffe
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
-
-import numpy as np
+from typing import Any
 
 from nxtp_jax.models.bert import BertConfig
-from nxtp_jax.weights.sources import TensorSource, require_file
+from nxtp_jax.weights.sources import StateDictSource, require_file
 from nxtp_jax.weights.tables import Rule, Table, apply_table, nest, transpose
-
-
-class NumpySource(TensorSource):
-    """Tensors already in numpy arrays (e.g. from `safetensors.numpy.load_file`)."""
-
-    def __init__(self, name: str, tensors: Mapping[str, np.ndarray], files: list[str]):
-        super().__init__(name, files)
-        self.tensors = tensors
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].shape)
-
-    def read(self, key: str) -> np.ndarray:
-        return np.asarray(self.tensors[key], dtype=np.float32)
 
 
 def bert_table(cfg: BertConfig) -> Table:
@@ -67,5 +48,5 @@ def load_bert(path: str | os.PathLike, cfg: BertConfig) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
     path = require_file(path, "a BERT model.safetensors")
-    flat, _ = apply_table(NumpySource("bert", load_file(str(path)), [str(path)]), bert_table(cfg))
+    flat, _ = apply_table(StateDictSource("bert", load_file(str(path)), [str(path)]), bert_table(cfg))
     return nest(flat)

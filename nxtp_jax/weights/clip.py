@@ -13,7 +13,7 @@ import re
 from typing import Mapping
 
 from nxtp_jax.models.config import VisionConfig
-from nxtp_jax.weights.sources import TensorSource, TorchSource, load_torch
+from nxtp_jax.weights.sources import TensorSource, StateDictSource, load_torch
 from nxtp_jax.weights.tables import Rule, Table, WeightImportError, conv_kernel, transpose
 
 TARGET = "vision_encoder/"
@@ -130,14 +130,14 @@ def text_tower_table(vocab_size: int, context_length: int, width: int, layers: i
     )
 
 
-def open_openai_clip(path: str | os.PathLike) -> TorchSource:
+def open_openai_clip(path: str | os.PathLike) -> StateDictSource:
     """OpenAI's TorchScript archive (`ViT-L-14.pt`) or a plain state dict with the same keys."""
     state = load_torch(path, "an OpenAI CLIP archive (e.g. ViT-L-14.pt)", torchscript=True)
     if not isinstance(state, Mapping):
         raise WeightImportError(
             f"clip: expected {path} to hold a state dict (or be a TorchScript archive), found a {type(state).__name__}"
         )
-    return TorchSource("clip", state, [str(path)])
+    return StateDictSource("clip", state, [str(path)])
 
 
 def infer_vision_config(source: TensorSource, image_size: int | None = None) -> tuple[VisionConfig, int]:

@@ -25,7 +25,7 @@ from nxtp_jax.weights.sources import (
     EmptySource,
     SafetensorsSource,
     TensorSource,
-    TorchSource,
+    StateDictSource,
     load_torch,
     require_file,
 )
@@ -269,7 +269,7 @@ def open_meta_weights(directory: str | os.PathLike) -> TensorSource:
         return EmptySource("llama", f"no consolidated.*.pth in {directory}")
     shards = [_state_dict(load_torch(f, "a LLaMA consolidated.*.pth shard"), f) for f in files]
     if len(shards) == 1:
-        return TorchSource("llama", shards[0], [str(files[0])])
+        return StateDictSource("llama", shards[0], [str(files[0])])
     return ConcatSource("llama", shards, [str(f) for f in files], meta_shard_dim)
 
 
@@ -299,4 +299,4 @@ def open_hf_weights(directory: str | os.PathLike) -> TensorSource:
             if k in merged:
                 raise WeightImportError(f"llama: key {k} appears in more than one of {[str(x) for x in files]}")
             merged[k] = v
-    return TorchSource("llama", merged, [str(f) for f in files])
+    return StateDictSource("llama", merged, [str(f) for f in files])

@@ -20,14 +20,14 @@ from typing import Any, Mapping
 from nxtp_jax.models.config import ModelConfig
 from nxtp_jax.weights.clip import vision_rules
 from nxtp_jax.weights.llama import meta_table
-from nxtp_jax.weights.sources import TorchSource, load_torch
+from nxtp_jax.weights.sources import StateDictSource, load_torch
 from nxtp_jax.weights.tables import Rule, Table, WeightImportError, identity, transpose
 
 VISION = "vision_encoder."
 DECODER = "language_decoder."
 
 
-def open_nxtp_checkpoint(path: str | os.PathLike) -> tuple[TorchSource, dict[str, Any]]:
+def open_nxtp_checkpoint(path: str | os.PathLike) -> tuple[StateDictSource, dict[str, Any]]:
     """The checkpoint's "model" params (prefix `module.` stripped) and its epoch / global_step."""
     ckpt = load_torch(path, "a released nxtp checkpoint (e.g. ckpt_epoch_03_iter_0021360.pth)")
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
@@ -37,10 +37,10 @@ def open_nxtp_checkpoint(path: str | os.PathLike) -> tuple[TorchSource, dict[str
         )
     state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     info = {k: ckpt[k] for k in ("epoch", "global_step") if isinstance(ckpt.get(k), int)}
-    return TorchSource("nxtp", state, [str(path)]), info
+    return StateDictSource("nxtp", state, [str(path)]), info
 
 
-def decoder_layers(source: TorchSource) -> int:
+def decoder_layers(source: StateDictSource) -> int:
     """The number of decoder blocks the checkpoint trained (1 + the highest block index)."""
     found = [int(m.group(1)) for k in source.keys() if (m := re.match(r"language_decoder\.layers\.(\d+)\.", k))]
     if not found:
@@ -50,7 +50,7 @@ def decoder_layers(source: TorchSource) -> int:
     return max(found) + 1
 
 
-def image_size(source: TorchSource, patch: int) -> int | None:
+def image_size(source: StateDictSource, patch: int) -> int | None:
     """The input size the checkpoint's positional embedding was trained for, if it holds one."""
     key = VISION + "positional_embedding"
     if key not in source.keys():

@@ -142,8 +142,8 @@ class EmptySource(TensorSource):
         raise KeyError(key)
 
 
-class TorchSource(TensorSource):
-    """A state dict of torch tensors (possibly mmap-backed), or several merged (sharded HF .bin)."""
+class StateDictSource(TensorSource):
+    """A state dict of torch tensors (possibly mmap-backed) or numpy arrays, or several merged (sharded HF .bin)."""
 
     def __init__(self, name: str, tensors: Mapping[str, Any], files: Sequence[str]):
         super().__init__(name, files)

@@ -19,7 +19,7 @@ from nxtp_jax.models.clip import VisionTransformer
 from nxtp_jax.models.config import SpecialTokens
 from nxtp_jax.models.llama import Decoder, apply_rope
 from nxtp_jax.weights import clip, llama
-from nxtp_jax.weights.sources import TorchSource
+from nxtp_jax.weights.sources import StateDictSource
 from nxtp_jax.weights.tables import apply_table, nest
 
 TOL = 1e-5
@@ -54,7 +54,7 @@ def hf_clip_to_openai(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def run_our_vit(state: dict[str, torch.Tensor], images_nchw: np.ndarray) -> np.ndarray:
     """Imports `state` (OpenAI names) and runs our encoder with `proj` = identity: [B, 1 + N, W]."""
-    source = TorchSource("clip", state, ["test"])
+    source = StateDictSource("clip", state, ["test"])
     cfg, archive_size = clip.infer_vision_config(source)
     flat, _ = apply_table(source, clip.openai_clip_table(cfg, archive_size))
     flat["vision_encoder/proj/kernel"] = np.eye(cfg.width, dtype=np.float32)

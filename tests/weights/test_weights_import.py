@@ -11,7 +11,7 @@ import torch
 import torch_layouts as tl
 from nxtp_jax.models.config import SpecialTokens
 from nxtp_jax.weights import clip, llama, nxtp, specials
-from nxtp_jax.weights.sources import TorchSource, is_torchscript
+from nxtp_jax.weights.sources import StateDictSource, is_torchscript
 from nxtp_jax.weights.tables import WeightImportError, apply_table
 
 V = 400
@@ -294,7 +294,7 @@ def test_unknown_key_in_nxtp_checkpoint_fails(tmp_path):
 def test_unknown_key_in_clip_fails(tmp_path):
     state = tl.write_openai_clip_torchscript(tmp_path / "clip.pt", layers=1)
     state["visual.adapter"] = torch.zeros(3)
-    source = TorchSource("clip", state, ["clip.pt"])
+    source = StateDictSource("clip", state, ["clip.pt"])
     cfg, size = clip.infer_vision_config(source)
     with pytest.raises(WeightImportError, match=r"belong nowhere.*visual\.adapter"):
         apply_table(source, clip.openai_clip_table(cfg, size))
