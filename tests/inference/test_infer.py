@@ -8,20 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nxtp_jax import checkpoint
 from nxtp_jax.infer import attention_grid
 from nxtp_jax.inference.tagger import Tagger
-from nxtp_jax.tokenizer import Tokenizer
-from tiny_models import random_images, tiny_recognizer
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(sp_model_path, tmp_path_factory):
-    tok = Tokenizer(sp_model_path)
-    model, params = tiny_recognizer(tok, delimiter_boost=3.0)
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    checkpoint.save(out, params, model.config, sp_model_path)
-    return out
+from tiny_models import random_images
 
 
 @pytest.fixture(scope="module")

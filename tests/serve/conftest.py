@@ -12,9 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from nxtp_jax import checkpoint
-from nxtp_jax.tokenizer import Tokenizer
-from tiny_models import random_images, tiny_recognizer
+from tiny_models import random_images
 
 VOCAB = ("cat", "dog", "sky", "cloud", "tree")
 
@@ -60,15 +58,6 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def serve_ckpt(sp_model_path, tmp_path_factory) -> pathlib.Path:
-    tok = Tokenizer(sp_model_path)
-    model, params = tiny_recognizer(tok, delimiter_boost=3.0)
-    out = tmp_path_factory.mktemp("serve_ckpt") / "tiny"
-    checkpoint.save(out, params, model.config, sp_model_path)
-    return out
-
-
-@pytest.fixture(scope="session")
 def serve_images(tmp_path_factory) -> list[pathlib.Path]:
     d = tmp_path_factory.mktemp("serve_images")
     paths = []
@@ -80,16 +69,16 @@ def serve_images(tmp_path_factory) -> list[pathlib.Path]:
 
 
 @pytest.fixture(scope="session")
-def servers(serve_ckpt, tmp_path_factory) -> dict[str, str]:
+def servers(tiny_ckpt, tmp_path_factory) -> dict[str, str]:
     """"main": batching up to 4, small limits. "slow": a vocabulary; every batch waits 1.5 s for
     company and at most 1 image waits, so overload and timeouts happen on cue."""
     d = tmp_path_factory.mktemp("server")
     vocab = d / "words.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")
     started = {
-        "main": Server(serve_ckpt, "--max_batch=4", "--max_wait_ms=50", "--max_num_labels=8", "--max_body_mb=1",
+        "main": Server(tiny_ckpt, "--max_batch=4", "--max_wait_ms=50", "--max_num_labels=8", "--max_body_mb=1",
                        "--max_pixels=1000000", "--max_queue=64", log=d / "main.log"),
-        "slow": Server(serve_ckpt, "--max_batch=2", "--max_wait_ms=1500", "--max_num_labels=8", "--max_queue=1",
+        "slow": Server(tiny_ckpt, "--max_batch=2", "--max_wait_ms=1500", "--max_num_labels=8", "--max_queue=1",
                        "--timeout_s=4", f"--vocab=words:{vocab}", log=d / "slow.log"),
     }
     try:

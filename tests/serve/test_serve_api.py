@@ -20,8 +20,8 @@ from conftest import VOCAB
 
 
 @pytest.fixture(scope="module")
-def reference(serve_ckpt) -> Tagger:
-    return Tagger.load(serve_ckpt)
+def reference(tiny_ckpt) -> Tagger:
+    return Tagger.load(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")
