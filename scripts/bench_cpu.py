@@ -1,0 +1,252 @@
+"""CPU tagging at full size against this machine's floor: ONNX Runtime and JAX, fp32/int8/int4, worst and realistic case.
+
+    python scripts/bench_cpu.py --workdir /tmp/bench_onnx          # in the export environment (docs/export.md)
+    python scripts/bench_cpu.py --workdir /tmp/bench_small --layers 1 --vit_layers 2   # a quick small run
+
+One run, one table: top-k of one 224px image, each configuration in its own process (its peak
+memory its own), each figure beside its floor (scripts/bench_cpu_floor.py: bytes that must be
+read over the measured bandwidth vs FLOPs over the measured matmul rate, per phase) and the
+fraction floor / measured.
+
+- worst case: the random weights of scripts/bench_onnx.py (the same WORKDIR/ckpt and WORKDIR/onnx);
+  no branch emits the delimiter, so every branch runs 19 tokens (18 decode steps).
+- realistic case: the same weights except the token embedding table, where a fraction of the
+  rows (not the prompt's, not special tokens) get a large component along the output layer's
+  delimiter column. Feeding such a token makes the delimiter the next argmax, so branches end
+  after a few tokens, as a trained model's labels do. The decode steps run are counted and shown.
+- quantized ONNX exports are made from WORKDIR/onnx by `onnx_export.quantize_decoder` (what
+  `convert/to_onnx.py --quantize` does after exporting), in WORKDIR/onnx_int8 and onnx_int4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import bench_cpu_floor
+import bench_onnx  # scripts/ is on the path when a script runs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = [  # (engine, quantize)
+    ("onnxruntime", "none"), ("onnxruntime", "int8"), ("onnxruntime", "int4"),
+    ("jax", "none"), ("jax", "int8"), ("jax", "int4"),
+]
+CASES = ("worst", "realistic")
+REALISTIC_FRACTION = 0.7  # rows of the table that end a label when fed
+REALISTIC_NORM = 4.0  # the added component, in units of a row's norm
+BYTES_PER_WEIGHT = {"none": 4.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 128}  # + a float32 scale per block of 128
+
+
+def sizes_and_table(args) -> None:
+    """WORKDIR/sizes.json (parameter counts, prefix length) and WORKDIR/embeddings_realistic.npy."""
+    import jax
+    import jax.numpy as jnp
+
+    from nxtp_jax import checkpoint, prompts
+    from nxtp_jax.models.recognizer import Recognizer
+    from nxtp_jax.tokenizer import Tokenizer
+
+    work = pathlib.Path(args.workdir)
+    ckpt = work / "ckpt"
+    config = checkpoint.load_config(ckpt)
+    model = Recognizer(config, dtype=jnp.float32)
+    params = checkpoint.load_params(ckpt, checkpoint.abstract_params(model))
+    count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
+    dec = params["language_decoder"]
+    tok = Tokenizer(checkpoint.tokenizer_path(ckpt))
+    prompt = prompts.inference_prompt(tok)
+    sizes = {
+        "vision": count(params) - count(dec),
+        "blocks": sum(count(v) for k, v in dec.items() if k.startswith("layers_")),
+        "output": count(dec["output"]),
+        "image_tokens": config.vision.num_patches,
+        "prefix": config.vision.num_patches + len(prompt),
+        "cache_bytes_per_slot": 2 * config.decoder.layers * config.decoder.kv_heads * config.decoder.head_dim * 4,
+    }
+    (work / "sizes.json").write_text(json.dumps(sizes))
+
+    table = np.array(dec["tok_embeddings"]["embedding"], np.float32)
+    column = np.asarray(dec["output"]["kernel"][:, tok.delimiter_id], np.float32)
+    rng = np.random.default_rng(0)
+    rows = rng.random(len(table)) < REALISTIC_FRACTION
+    keep = set(prompt.tolist()) | {tok.delimiter_id, tok.image_id, tok.empty_id, tok.bos_id, tok.eos_id}
+    rows[list(keep)] = False
+    norm = np.linalg.norm(table, axis=1).mean()
+    table[rows] += REALISTIC_NORM * norm * column / np.linalg.norm(column)
+    np.save(work / "embeddings_realistic.npy", table)
+
+
+def prepare(args) -> None:
+    work = pathlib.Path(args.workdir)
+    if not (work / "onnx" / "config.json").exists():  # WORKDIR/ckpt and WORKDIR/onnx (fp32), as bench_onnx.py makes them
+        cmd = [pathlib.Path(bench_onnx.__file__), "--workdir", work, "--layers", args.layers, "--vit_layers", args.vit_layers, "--engines"]
+        subprocess.run([sys.executable, *map(str, cmd)], check=True)
+    if not (work / "embeddings_realistic.npy").exists():
+        subprocess.run([sys.executable, __file__, "--child", "sizes", *sys.argv[1:]], check=True)
+    for q in ("int8", "int4"):
+        out = work / f"onnx_{q}"
+        if not (out / "config.json").exists():
+            subprocess.run([sys.executable, __file__, "--child", f"quantize-{q}", *sys.argv[1:]], check=True)
+    for name in ("onnx", "onnx_int8", "onnx_int4"):  # the realistic case: the same graphs, another table
+        real = work / f"{name}_realistic"
+        if not (real / "config.json").exists():
+            real.mkdir(exist_ok=True)
+            for f in (work / name).iterdir():
+                if f.name != "embeddings.npy" and not (real / f.name).exists():
+                    (real / f.name).symlink_to(f)
+            shutil.copy(work / "embeddings_realistic.npy", real / "embeddings.npy")
+
+
+def quantize_export(args, mode: str) -> None:
+    from nxtp_jax.export import onnx_export
+
+    work = pathlib.Path(args.workdir)
+    src, out = work / "onnx", work / f"onnx_{mode}"
+    tmp = work / f"onnx_{mode}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in src.iterdir():
+        if not f.name.startswith("decoder.onnx"):
+            os.link(f, tmp / f.name)
+    for f in src.glob("decoder.onnx*"):  # copies: the quantizer rewrites them
+        shutil.copy(f, tmp / f.name)
+    start = time.perf_counter()
+    n = onnx_export.quantize_decoder(tmp / "decoder.onnx", mode)
+    config = json.loads((tmp / "config.json").read_text())
+    config["quantize"] = mode
+    (tmp / "config.json").unlink()  # a hard link to the fp32 export's
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.rename(out)
+    print(f"{mode}: {n} matrices quantized in {time.perf_counter() - start:.0f} s; decoder.onnx.data "
+          f"{(out / 'decoder.onnx.data').stat().st_size / 2**20:.0f} MiB")
+
+
+def run_config(args, engine: str, quantize: str, case: str) -> dict:
+    work = pathlib.Path(args.workdir)
+    image = np.random.default_rng(0).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+    start = time.perf_counter()
+    if engine == "onnxruntime":
+        from nxtp_jax.export.ort_tagger import OrtTagger
+
+        name = "onnx" if quantize == "none" else f"onnx_{quantize}"
+        tagger = OrtTagger(work / (name if case == "worst" else f"{name}_realistic"), threads=args.threads)
+        pixels = tagger.preprocess([image])
+        run = lambda: tagger.sample(pixels, args.k)  # noqa: E731
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from nxtp_jax.inference.tagger import Tagger
+
+        tagger = Tagger.load(work / "ckpt", dtype=jnp.float32, quantize=quantize, batch_size=1)
+        if case == "realistic":
+            tagger.params["language_decoder"]["tok_embeddings"]["embedding"] = jnp.asarray(np.load(work / "embeddings_realistic.npy"))
+        x = jnp.asarray(tagger.preprocess([image]))
+
+        def run():
+            out = tagger.sample(x, args.k)
+            return tuple(np.asarray(a) for a in jax.block_until_ready((out["tokens"], out["probs"])))
+
+    loaded = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens, _ = run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        tokens, _ = run()
+        times.append(time.perf_counter() - start)
+    tokens = np.asarray(tokens)
+    status = pathlib.Path("/proc/self/status").read_text()
+    return {
+        "seconds": float(np.median(times)), "first_call": first, "load": loaded,
+        "steps": int((tokens[0] >= 0).sum(axis=-1).max()) - 1,  # decode steps after the top-k prefill
+        "tokens": tokens.tolist(),
+        "peak_rss_gib": int(status.split("VmHWM:")[1].split()[0]) / 2**20,
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def floor_phases(sizes: dict, quantize: str, k: int, steps: int) -> list[tuple[float, float]]:
+    """(bytes, FLOPs) of the encoder, the prefill and each decode step; weights read once per phase."""
+    w = BYTES_PER_WEIGHT[quantize]
+    t0, per_step = sizes["prefix"], sizes["blocks"] + sizes["output"]
+    phases = [
+        (sizes["vision"] * 4.0, 2.0 * sizes["vision"] * sizes["image_tokens"]),  # the encoder stays fp32
+        (sizes["blocks"] * w + sizes["output"] * w, 2.0 * (sizes["blocks"] * t0 + sizes["output"])),
+    ]
+    for s in range(1, steps + 1):
+        cache = (t0 + k * s) * sizes["cache_bytes_per_slot"]
+        phases.append((per_step * w + cache, 2.0 * k * per_step))
+    return phases
+
+
+def child(args) -> None:
+    if args.child == "sizes":
+        return sizes_and_table(args)
+    if args.child.startswith("quantize-"):
+        return quantize_export(args, args.child.removeprefix("quantize-"))
+    engine, quantize, case = args.child.split(":")
+    print("RESULT " + json.dumps(run_config(args, engine, quantize, case)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True, help="holds the checkpoint and the exports between runs (bench_onnx.py's)")
+    ap.add_argument("--k", type=int, default=20, help="labels per image")
+    ap.add_argument("--layers", type=int, default=6, help="LLaMA-2 blocks kept (6 = the 1.78B model)")
+    ap.add_argument("--vit_layers", type=int, default=24, help="ViT-L/14 blocks")
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (median)")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: one per core)")
+    ap.add_argument("--configs", nargs="*", default=[f"{e}:{q}" for e, q in CONFIGS], help="engine:quantize, e.g. jax:int8")
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.child:
+        return child(args)
+
+    prepare(args)
+    work = pathlib.Path(args.workdir)
+    sizes = json.loads((work / "sizes.json").read_text())
+    limits = bench_cpu_floor.measure(args.threads)
+    limits["load_average"] = os.getloadavg()[0]
+    print(f"bandwidth {limits['bandwidth']:.1f} GB/s (read {limits['read']:.1f}, copy {limits['copy']:.1f}, "
+          f"triad {limits['triad']:.1f}), fp32 matmul {limits['matmul']:.0f} GFLOP/s; load average {limits['load_average']:.2f}")
+    results = {}
+    for config in args.configs:
+        for case in args.cases:
+            res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{config}:{case}"], capture_output=True, text=True)
+            lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+            if res.returncode or not lines:
+                print(f"{config} {case} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+                continue
+            r = results[f"{config}:{case}"] = json.loads(lines[-1].removeprefix("RESULT "))
+            print(f"  {config} {case}: {r['seconds']:.2f} s ({r['steps']} steps, load average {r['load_average']:.2f})", flush=True)
+
+    print(f"\ntop-{args.k}, one 224px image, {os.cpu_count()} CPU cores; bandwidth {limits['bandwidth']:.1f} GB/s, "
+          f"matmul {limits['matmul']:.0f} GFLOP/s\n")
+    print("| engine | weights | case | decode steps | s / image | floor (s) | floor / measured | peak RSS (GiB) | load avg | tokens vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        engine, quantize, case = key.split(":")
+        fl = bench_cpu_floor.floor(floor_phases(sizes, quantize, args.k, r["steps"]), limits["bandwidth"], limits["matmul"])
+        ref = results.get(f"{engine}:none:{case}")
+        same = "-" if ref is None or quantize == "none" else f"{np.mean(np.asarray(r['tokens']) == np.asarray(ref['tokens'])):.0%} equal"
+        r["floor"] = fl
+        print(f"| {engine} | {quantize} | {case} | {r['steps']} | {r['seconds']:.2f} | {fl:.2f} | {fl / r['seconds']:.2f} "
+              f"| {r['peak_rss_gib']:.1f} | {r['load_average']:.1f} | {same} |")
+    (work / "bench_cpu.json").write_text(json.dumps({"limits": limits, "sizes": sizes, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
