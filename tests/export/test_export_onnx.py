@@ -241,3 +241,25 @@ def test_prompt_and_ids_come_from_the_tokenizer(ended, tmp_path):
     (onnx_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="export again"):
         OrtTagger(onnx_dir)
+
+
+def test_int8_export_runs_without_jax_and_keeps_the_fp32_labels(ended, images, ort_python, tmp_path):
+    ckpt, onnx_dir, _ = ended
+    export(ckpt, tmp_path / "int8", "--quantize", "int8")
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    assert config["quantize"] == "int8"
+    graph = onnx.load(str(tmp_path / "int8" / "decoder.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 2 * 7 + 1  # wq wk wv wo w1 w2 w3 per block, and the output layer
+    assert "Gemm" not in ops
+    args = ["--num_labels", 5, "--json", *images]
+    got = infer_json(ort_python, [RUNNER, "--onnx_dir", tmp_path / "int8", *args])
+    want = infer_json(ort_python, [RUNNER, "--onnx_dir", onnx_dir, *args])
+    # int8 moves each weight by at most half a step (max |block| / 254); on this tiny random model
+    # label scores moved by less than 0.1 (tests/inference/test_quantize.py, the same bound). The
+    # same labels; near-tied ones (this model's tail, probabilities ~1e-3) may swap places.
+    for g, w in zip(got, want):
+        got_probs = {x["label"]: x["prob"] for x in g["labels"]}
+        want_probs = {x["label"]: x["prob"] for x in w["labels"]}
+        assert got_probs.keys() == want_probs.keys(), g["image"]
+        np.testing.assert_allclose([got_probs[k] for k in want_probs], list(want_probs.values()), atol=0.1)

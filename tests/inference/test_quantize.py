@@ -88,9 +88,11 @@ def test_int8_labels_equal_fp32_at_top_k(tok):
     np.testing.assert_allclose(scores(got), scores(want), atol=0.1)
 
 
-def test_sampler_keeps_the_weights_in_int8_inside_the_loop(tok):
+def test_sampler_keeps_the_weights_in_int8_inside_the_loop(tok, monkeypatch):
     # XLA hoists a loop-invariant convert out of the while loop: a whole-weight fp32 copy
-    # f32[tiles, K, tn] in the compiled sampler would mean fp32 reads at every step.
+    # f32[tiles, K, tn] in the compiled sampler would mean fp32 reads at every step. Several
+    # tiles per weight, as at full size (a one-tile scan is inlined, and its convert hoisted).
+    monkeypatch.setattr(quantize, "TILE_BYTES", 176 * 4 * 8)
     model, params = tiny_recognizer(tok)
     q = quantize.quantize_params(params, "int8")
     images = jnp.asarray(Tagger(model, q, tok).preprocess(random_images(1, 32)))
