@@ -257,9 +257,12 @@ def test_int8_export_runs_without_jax_and_keeps_the_fp32_labels(ended, images, o
     want = infer_json(ort_python, [RUNNER, "--onnx_dir", onnx_dir, *args])
     # int8 moves each weight by at most half a step (max |block| / 254); on this tiny random model
     # label scores moved by less than 0.1 (tests/inference/test_quantize.py, the same bound). The
-    # same labels; near-tied ones (this model's tail, probabilities ~1e-3) may swap places.
+    # same top label, and every label fp32 scores >= 0.01 is there; below that this model's labels are
+    # near ties (~1e-3 apart) that trade places at the k-th rank.
     for g, w in zip(got, want):
         got_probs = {x["label"]: x["prob"] for x in g["labels"]}
-        want_probs = {x["label"]: x["prob"] for x in w["labels"]}
-        assert got_probs.keys() == want_probs.keys(), g["image"]
-        np.testing.assert_allclose([got_probs[k] for k in want_probs], list(want_probs.values()), atol=0.1)
+        assert g["labels"][0]["label"] == w["labels"][0]["label"], g["image"]
+        for x in w["labels"]:
+            if x["prob"] >= 0.01:
+                assert abs(got_probs[x["label"]] - x["prob"]) <= 0.1, (g["image"], x)
+    assert sum(x["prob"] >= 0.01 for w in want for x in w["labels"]) >= len(want)
