@@ -10,10 +10,11 @@ fraction floor / measured.
 
 - worst case: the random weights of scripts/bench_onnx.py (the same WORKDIR/ckpt and WORKDIR/onnx);
   no branch emits the delimiter, so every branch runs 19 tokens (18 decode steps).
-- realistic case: the same weights except the token embedding table, where the rows (not the
-  prompt's, not special tokens) get a large component along the output layer's delimiter
-  column. Feeding such a token makes the delimiter the next argmax, so branches end
-  after a few tokens, as a trained model's labels do. The decode steps run are counted and shown.
+- realistic case: the same weights except the token embedding table. A row with a large
+  component along one output-layer column makes that column's token the next argmax when the
+  row's token is fed. Two chain tokens c2 -> c3 -> delimiter, and every other ordinary row points
+  at the delimiter, c3 or c2 (a third each), so labels are 1-3 tokens and branches end after
+  2-4 tokens, as a trained model's do. The decode steps run are counted and shown.
 - quantized ONNX exports are made from WORKDIR/onnx by `onnx_export.quantize_decoder` (what
   `convert/to_onnx.py --quantize` does after exporting), in WORKDIR/onnx_int8 and onnx_int4.
 """
@@ -40,11 +41,7 @@ CONFIGS = [  # (engine, quantize)
     ("jax", "none"), ("jax", "int8"), ("jax", "int4"),
 ]
 CASES = ("worst", "realistic")
-# Rows of the table that end a label when fed: all of them (labels of one token + the delimiter).
-# At 0.7 a full-size branch can cycle among unmodified rows (random weights map a fed token to a
-# near-fixed argmax) and never end; a 512-wide model ended within 3 steps either way.
-REALISTIC_FRACTION = 1.0
-REALISTIC_NORM = 4.0  # the added component, in units of a row's norm
+REALISTIC_NORM = 4.0  # the added component, in units of a row's mean norm
 BYTES_PER_WEIGHT = {"none": 4.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 128}  # + a float32 scale per block of 128
 
 
@@ -77,13 +74,18 @@ def sizes_and_table(args) -> None:
     (work / "sizes.json").write_text(json.dumps(sizes))
 
     table = np.array(dec["tok_embeddings"]["embedding"], np.float32)
-    column = np.asarray(dec["output"]["kernel"][:, tok.delimiter_id], np.float32)
-    rng = np.random.default_rng(0)
-    rows = rng.random(len(table)) < REALISTIC_FRACTION
-    keep = set(prompt.tolist()) | {tok.delimiter_id, tok.image_id, tok.empty_id, tok.bos_id, tok.eos_id}
-    rows[list(keep)] = False
+    kernel = np.asarray(dec["output"]["kernel"], np.float32)
     norm = np.linalg.norm(table, axis=1).mean()
-    table[rows] += REALISTIC_NORM * norm * column / np.linalg.norm(column)
+    special = set(prompt.tolist()) | {tok.delimiter_id, tok.image_id, tok.empty_id, tok.bos_id, tok.eos_id}
+    ordinary = np.array([i for i in range(len(table)) if i not in special])
+    rng = np.random.default_rng(0)
+    c2, c3 = rng.choice(ordinary, 2, replace=False)
+    targets = rng.choice([tok.delimiter_id, c3, c2], size=len(table))  # labels of 1, 2 or 3 tokens
+    targets[c3], targets[c2] = tok.delimiter_id, c3
+    for target in (tok.delimiter_id, c3, c2):
+        rows = ordinary[targets[ordinary] == target]
+        column = kernel[:, target]
+        table[rows] += REALISTIC_NORM * norm * column / np.linalg.norm(column)
     np.save(work / "embeddings_realistic.npy", table)
 
 
@@ -124,7 +126,7 @@ def quantize_export(args, mode: str) -> None:
     start = time.perf_counter()
     n = onnx_export.quantize_decoder(tmp / "decoder.onnx", mode)
     config = json.loads((tmp / "config.json").read_text())
-    config["quantize"] = mode
+    config["quantize"], config["accuracy_level"] = mode, onnx_export.DEFAULT_ACCURACY_LEVEL
     (tmp / "config.json").unlink()  # a hard link to the fp32 export's
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.rename(out)
@@ -168,11 +170,13 @@ def run_config(args, engine: str, quantize: str, case: str) -> dict:
         tokens, _ = run()
         times.append(time.perf_counter() - start)
     tokens = np.asarray(tokens)
+    delimiter = tagger.tokenizer.delimiter_id
+    lengths = [row.index(delimiter) if delimiter in row else len(row) for row in tokens[0].tolist()]
     status = pathlib.Path("/proc/self/status").read_text()
     return {
         "seconds": float(np.median(times)), "first_call": first, "load": loaded,
         "steps": int((tokens[0] >= 0).sum(axis=-1).max()) - 1,  # decode steps after the top-k prefill
-        "tokens": tokens.tolist(),
+        "tokens": tokens.tolist(), "label_tokens": [min(lengths), max(lengths)],
         "peak_rss_gib": int(status.split("VmHWM:")[1].split()[0]) / 2**20,
         "load_average": os.getloadavg()[0],
     }
@@ -192,6 +196,78 @@ def floor_phases(sizes: dict, quantize: str, k: int, steps: int) -> list[tuple[f
     return phases
 
 
+MATMUL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 32000)]  # (K, N): attention, w1/w3, w2, output
+
+
+def _rate(fn, flops: float, seconds: float = 1.0) -> float:
+    fn()  # warm-up (and compilation)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return flops * n / (time.perf_counter() - start) / 1e9
+
+
+def matmuls(args) -> None:
+    """GFLOP/s of the decoder's products at the sampler's M (k rows) and the prefill's, per layout."""
+    import jax
+    import jax.numpy as jnp
+
+    from nxtp_jax.models import quantize
+
+    rng = np.random.default_rng(0)
+    def timed(f, *a):
+        return lambda: jax.block_until_ready(f(*a))
+
+    engines = {
+        "numpy x@W": lambda x, w: lambda: x @ w,
+        "jax x@W (naive)": lambda x, w: timed(jax.jit(jnp.dot), jnp.asarray(x), jnp.asarray(w)),
+        "jax transposed": lambda x, w: timed(jax.jit(lambda a, kt: (kt @ a.T).T), jnp.asarray(x), jnp.asarray(w.T.copy())),
+        "jax int8": lambda x, w: timed(jax.jit(quantize.matmul), jnp.asarray(x), quantize.quantize_kernel(w, 8)),
+        "jax int4": lambda x, w: timed(jax.jit(quantize.matmul), jnp.asarray(x), quantize.quantize_kernel(w, 4)),
+    }
+    try:
+        import onnxruntime  # noqa: F401
+
+        for name, level in (("ort fp32", None), ("ort int8 level 0", 0), ("ort int8 level 4", 4), ("ort int4 level 0", 0), ("ort int4 level 4", 4)):
+            bits = None if level is None else int(name.split()[1][3:])
+            engines[name] = lambda x, w, bits=bits, level=level: _ort_matmul(x, w, bits, level, args.threads)
+    except ImportError:
+        print("(onnxruntime not installed: its rows are left out)")
+    print(f"GFLOP/s of [M, K] x [K, N], float32 activations, {os.cpu_count()} cores")
+    print("| M | K | N | " + " | ".join(engines) + " |")
+    print("|---|---|---|" + "---|" * len(engines))
+    for m in (args.k, 284):
+        for k, n in MATMUL_SHAPES:
+            x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32) * 0.02
+            row = [f"{_rate(make(x, w), 2.0 * m * k * n):.0f}" for make in engines.values()]
+            print(f"| {m} | {k} | {n} | " + " | ".join(row) + " |", flush=True)
+
+
+def _ort_matmul(x: np.ndarray, w: np.ndarray, bits: int | None, level: int | None, threads: int | None):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from nxtp_jax.export.onnx_export import QUANT_BLOCK
+
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])], [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if bits:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=level)
+        quantizer.process()
+        model = quantizer.model.model
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"x": x})
+
+
 def child(args) -> None:
     if args.child == "sizes":
         return sizes_and_table(args)
@@ -203,7 +279,7 @@ def child(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="holds the checkpoint and the exports between runs (bench_onnx.py's)")
+    ap.add_argument("--workdir", help="(required but with --matmuls) holds the checkpoint and the exports between runs (bench_onnx.py's)")
     ap.add_argument("--k", type=int, default=20, help="labels per image")
     ap.add_argument("--layers", type=int, default=6, help="LLaMA-2 blocks kept (6 = the 1.78B model)")
     ap.add_argument("--vit_layers", type=int, default=24, help="ViT-L/14 blocks")
@@ -212,11 +288,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: one per core)")
     ap.add_argument("--configs", nargs="*", default=[f"{e}:{q}" for e, q in CONFIGS], help="engine:quantize, e.g. jax:int8")
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
+    ap.add_argument("--matmuls", action="store_true", help="only the per-product rates of each layout and engine")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.child:
         return child(args)
+    if args.matmuls:
+        return matmuls(args)
+    if not args.workdir:
+        ap.error("--workdir is required")
 
     prepare(args)
     work = pathlib.Path(args.workdir)
@@ -241,8 +322,8 @@ def main() -> None:
     limits = {key: max(before[key], after[key]) for key in ("bandwidth", "matmul")}
     print(f"\ntop-{args.k}, one 224px image, {os.cpu_count()} CPU cores; bandwidth {limits['bandwidth']:.1f} GB/s, "
           f"matmul {limits['matmul']:.0f} GFLOP/s\n")
-    print("| engine | weights | case | decode steps | s / image | floor (s) | floor / measured | peak RSS (GiB) | load avg | tokens vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| engine | weights | case | decode steps | s / image | floor (s) | floor / measured | label tokens | peak RSS (GiB) | load avg | tokens vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         engine, quantize, case = key.split(":")
         fl = bench_cpu_floor.floor(floor_phases(sizes, quantize, args.k, r["steps"]), limits["bandwidth"], limits["matmul"])
@@ -250,7 +331,7 @@ def main() -> None:
         same = "-" if ref is None or quantize == "none" else f"{np.mean(np.asarray(r['tokens']) == np.asarray(ref['tokens'])):.0%} equal"
         r["floor"] = fl
         print(f"| {engine} | {quantize} | {case} | {r['steps']} | {r['seconds']:.2f} | {fl:.2f} | {fl / r['seconds']:.2f} "
-              f"| {r['peak_rss_gib']:.1f} | {r['load_average']:.1f} | {same} |")
+              f"| {'-'.join(map(str, r['label_tokens']))} | {r['peak_rss_gib']:.1f} | {r['load_average']:.1f} | {same} |")
     (work / "bench_cpu.json").write_text(json.dumps({"limits": [before, after], "sizes": sizes, "results": results}))
 
 

@@ -1,6 +1,6 @@
 """`nxtp-export` (or `python convert/to_onnx.py`): an nxtp_jax checkpoint to ONNX, checked against JAX.
 
-    nxtp-export --ckpt DIR --out ONNX_DIR [--dtype float32|float16] [--quantize none|int8|int4] [--opset N]
+    nxtp-export --ckpt DIR --out ONNX_DIR [--dtype float32|float16] [--quantize none|int8|int4 [--accuracy_level 4|0]] [--opset N]
 
 Writes encoder.onnx, decoder.onnx + decoder.onnx.data (one graph for the prefill and the
 KV-cached steps), embeddings.npy, tokenizer.model and config.json; run the result with
@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quantize", choices=onnx_export.QUANTIZE, default="none",
         help="decoder weights in 8 or 4 bits (MatMulNBits, blocks of 128 rows; activations stay float32)",
     )
+    p.add_argument(
+        "--accuracy_level", type=int, choices=onnx_export.ACCURACY_LEVELS, default=onnx_export.DEFAULT_ACCURACY_LEVEL,
+        help="MatMulNBits' arithmetic with --quantize: 4 int8 (fast), 0 float32 (int8 weights: about 10x slower on AVX2)",
+    )
     p.add_argument("--opset", type=int, default=onnx_export.DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--no_check", action="store_true", help="skip the ONNX Runtime vs JAX check")
     return p.parse_args(argv)
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         onnx_export.export_checkpoint(
-            args.ckpt, args.out, dtype=args.dtype, quantize=args.quantize, opset=args.opset, check=not args.no_check
+            args.ckpt, args.out, dtype=args.dtype, quantize=args.quantize, accuracy_level=args.accuracy_level, opset=args.opset, check=not args.no_check
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

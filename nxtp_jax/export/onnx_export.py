@@ -38,6 +38,11 @@ from nxtp_jax.tokenizer import Tokenizer
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16}
 QUANTIZE = ("none", "int8", "int4")
 QUANT_BLOCK = 128  # MatMulNBits' block along K: its block size is a power of two, so no per-channel 11008
+# MatMulNBits' arithmetic: 0 float32 (activations stay float), 4 int8 (activations quantized per
+# block at each product). ORT 1.32 has no fast 8-bit kernel with float32 arithmetic on AVX2: 9
+# against fp32's 100 GFLOP/s for a [20, 4096] x [4096, 11008] product, 86 with level 4.
+ACCURACY_LEVELS = (0, 4)
+DEFAULT_ACCURACY_LEVEL = 4
 DEFAULT_OPSET = 23
 EXTERNAL_BYTES = 1024 * 1024  # initializers this large go to <graph>.onnx.data (jax2onnx's threshold)
 FILES = {
@@ -196,18 +201,20 @@ def store_weights_as_float16(path: pathlib.Path) -> int:
     return len(casts)
 
 
-def quantize_decoder(path: pathlib.Path, mode: str) -> int:
-    """Stores the decoder's weight matrices in 8 or 4 bits (weight-only; activations stay float32).
+def quantize_decoder(path: pathlib.Path, mode: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> int:
+    """Stores the decoder's weight matrices in 8 or 4 bits; the graph's activations stay float32.
 
     ONNX Runtime's `MatMulNBitsQuantizer`: symmetric, one scale per block of QUANT_BLOCK input rows
-    and output column, a `MatMulNBits` node that dequantizes at use (accuracy_level 0: float32
-    arithmetic). It quantizes MatMul nodes only, so jax2onnx's plain Gemms (A @ B, B a weight)
-    become MatMuls first. Returns the number of quantized matrices.
+    and output column, a `MatMulNBits` node with `accuracy_level` (ACCURACY_LEVELS). It quantizes
+    MatMul nodes only, so jax2onnx's plain Gemms (A @ B, B a weight) become MatMuls first. Returns
+    the number of quantized matrices.
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if mode not in QUANTIZE:
         raise ValueError(f"expected quantize in {QUANTIZE}, found {mode!r}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(f"expected accuracy_level in {ACCURACY_LEVELS}, found {accuracy_level!r}")
     if mode == "none":
         return 0
     model = onnx.load(os.fspath(path))
@@ -220,7 +227,7 @@ def quantize_decoder(path: pathlib.Path, mode: str) -> int:
             node.op_type = "MatMul"
             del node.attribute[:]
             converted += 1
-    quantizer = MatMulNBitsQuantizer(model, bits=8 if mode == "int8" else 4, block_size=QUANT_BLOCK, is_symmetric=True)
+    quantizer = MatMulNBitsQuantizer(model, bits=8 if mode == "int8" else 4, block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=accuracy_level)
     quantizer.process()
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
@@ -232,7 +239,8 @@ def quantize_decoder(path: pathlib.Path, mode: str) -> int:
 
 
 def export_checkpoint(
-    ckpt_dir, out_dir, *, dtype: str = "float32", quantize: str = "none", opset: int = DEFAULT_OPSET, check: bool = True, log=print
+    ckpt_dir, out_dir, *, dtype: str = "float32", quantize: str = "none", accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    opset: int = DEFAULT_OPSET, check: bool = True, log=print,
 ) -> dict:
     """Loads, exports, quantizes the decoder's weights (`quantize_decoder`) and (with `check`) compares
     every graph with JAX; returns the export's config."""
@@ -243,7 +251,8 @@ def export_checkpoint(
     config = export_model(model, params, checkpoint.tokenizer_path(ckpt_dir), out_dir, opset=opset, source=source, log=log)
     if quantize != "none":
         log(f"quantizing {FILES['decoder']} to {quantize} ...")
-        quantize_decoder(pathlib.Path(out_dir) / FILES["decoder"], quantize)
+        quantize_decoder(pathlib.Path(out_dir) / FILES["decoder"], quantize, accuracy_level)
+        config["accuracy_level"] = accuracy_level
     config["quantize"] = quantize
     (pathlib.Path(out_dir) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if check:

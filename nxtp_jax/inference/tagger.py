@@ -64,7 +64,8 @@ class Tagger:
         """Loads a checkpoint directory written by `convert/from_torch.py`, or a training workdir (latest step).
 
         `quantize` "int8" (per output channel) or "int4" (in groups) stores the decoder's and the
-        output layer's weights in that many bits, dequantized at use (`models.quantize`); "none" keeps them.
+        output layer's weights in that many bits, dequantized at use (`models.quantize`); "none" keeps
+        them (on one CPU stored transposed, where XLA multiplies the sampler's few rows faster).
         """
         if quantize not in _quantize.MODES:
             raise ValueError(f"expected quantize in {_quantize.MODES}, found {quantize!r}")
@@ -80,7 +81,11 @@ class Tagger:
             params = checkpoint.load_training_params(ckpt_dir, model, mesh)
         else:
             params = checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model, mesh))
-        return cls(model, _quantize.quantize_params(params, quantize), tok, **kw)
+        if quantize != "none":
+            params = _quantize.quantize_params(params, quantize)
+        elif mesh is None and jax.default_backend() == "cpu":
+            params = _quantize.transpose_params(params)
+        return cls(model, params, tok, **kw)
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """Paths, PIL images or uint8 arrays -> CLIP-normalised float32 [B, R, R, 3]."""
@@ -177,7 +182,7 @@ class Tagger:
         vocab = self.vocabulary(vocab)
         if vocab is not None and strategy != "one_shot":
             raise ValueError(f"expected strategy 'one_shot' with a vocabulary (the constrained decoder), found {strategy!r}")
-        with _quantize.dequantizing():  # quantized params (Tagger.load(quantize=...)) multiply tile by tile
+        with _quantize.dequantizing():  # the serving kernels of Tagger.load (models/quantize.py)
             tokens, probs = self._decode(x, num_labels, strategy, key, vocab, **decoder_kw)
         return {"strategy": strategy, "x": x, "tokens": tokens, "probs": probs}
 

@@ -1,20 +1,22 @@
-"""Weight-only quantization of the decoder for serving: int8 per output channel, or int4 in groups.
-
-Each step of the one-shot sampler reads every decoder weight and the output layer (about
-1.34B weights at full size), so on a CPU its time is bytes over memory bandwidth: fewer bytes
-per weight is the way down. Activations stay float.
+"""The decoder's Dense kernels as the Tagger serves them: weight-only int8 / int4, and a CPU layout.
 
 - `quantize_params(params, "int8" | "int4")` replaces the kernels of the decoder's Dense layers
-  (attention, feed-forward, output) by `QuantizedKernel`s; the token embeddings and the image
-  encoder stay as they are.
+  (attention, feed-forward, output) by `QuantizedKernel`s: int8 with one scale per output
+  channel, int4 with one per output channel and group of 128 inputs (or of half the inputs).
+  The token embeddings and the image encoder stay as they are. Activations stay float.
+- `transpose_params(params)` stores the same kernels unquantized, as [N, K] (`TransposedKernel`).
 - `dequantizing()` is the context inside which a model runs with such params: it intercepts
-  `nn.Dense` calls whose kernel is quantized and multiplies tile by tile.
+  `nn.Dense` calls whose kernel is one of these.
+
+Why transposed: the sampler multiplies k rows (20) by each weight. XLA's CPU dot runs that
+[k, K] x [K, N] product at 40-60 GFLOP/s on a 2-core AVX2 machine, but the same product as
+[N, K] x [K, k] at 75-95 (scripts/bench_cpu.py --matmuls). Both layouts sum the same products.
 
 Why tiles: XLA hoists a loop-invariant `convert(int8 -> f32)` of a whole weight out of the
-sampler's `while_loop`, so a plain `x @ q.astype(f32)` would make one fp32 copy of every weight
+sampler's `while_loop`, so a plain `q.astype(f32) @ x` would make one fp32 copy of every weight
 per call and read fp32 at every step, and XLA's CPU dot does not fuse the convert. A `lax.scan`
-over column tiles of the stored `[tiles, K, tn]` weight converts one small tile per iteration
-(it stays in cache) and reads only the int8 (int4: packed uint8) bytes from memory.
+over tiles of TILE_ROWS output channels converts one small tile per iteration (it stays in
+cache) and reads only the int8 (int4: packed uint8) bytes from memory.
 """
 
 from __future__ import annotations
@@ -27,17 +29,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 MODES = ("none", "int8", "int4")
-INT4_GROUP = 128  # int4 scales: one per group of 128 input rows and output column (all rows where K % 128)
-TILE_BYTES = 2 * 2**20  # the float32 tile converted per scan iteration (fits a core's L2)
+INT4_GROUP = 128  # int4 scales: one per group of 128 input rows and output column (half the rows where K/2 % 128)
+TILE_ROWS = 256  # output channels converted per scan iteration: the fastest of 128-1024 for [20, K] inputs
 QUANTIZED_PARENTS = ("attention", "feed_forward")  # plus the decoder's `output` layer
 
 
 @flax.struct.dataclass
 class QuantizedKernel:
-    """A Dense kernel [K, N] as column tiles: q [tiles, K, tn] int8 (int4: [tiles, K/2, tn] uint8,
-    two rows per byte), scale [tiles, 1, tn] float32 (int4: [tiles, K/group, tn])."""
+    """A Dense kernel [K, N] as tiles of output channels: q [tiles, tn, K] int8 (int4: [tiles, tn, K/2]
+    uint8, inputs k and K/2 + k in one byte), scale [tiles, tn, 1] float32 (int4: [tiles, tn, K/group])."""
 
     q: jax.Array
     scale: jax.Array
@@ -46,19 +49,39 @@ class QuantizedKernel:
 
     def dequantize(self) -> jax.Array:
         """The float32 kernel [K, N] (for checks; the fast path never builds it)."""
-        tiles = jax.vmap(lambda q, s: _tile(q, s, self.bits))(self.q, self.scale)  # [tiles, K, tn]
-        return jnp.moveaxis(tiles, 0, 1).reshape(tiles.shape[1], -1)[:, : self.features]
+        tiles = jax.vmap(lambda q, s: _tile(q, s, self.bits))(self.q, self.scale)  # [tiles, tn, K]
+        return tiles.reshape(-1, tiles.shape[-1])[: self.features].T
+
+
+@flax.struct.dataclass
+class TransposedKernel:
+    """A float Dense kernel [K, N] stored as kt [N, K]."""
+
+    kt: jax.Array
+
+    def dequantize(self) -> jax.Array:
+        return self.kt.T
+
+
+SERVING_KERNELS = (QuantizedKernel, TransposedKernel)
 
 
 def _tile(q: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
-    """One tile's float32 values [K, tn]."""
+    """One tile's float32 values [tn, K]."""
     if bits == 8:
         return q.astype(jnp.float32) * scale
-    lo = (q & 0xF).astype(jnp.int32) - 8
-    hi = (q >> 4).astype(jnp.int32) - 8
-    rows = jnp.stack([lo, hi], axis=1).reshape(2 * q.shape[0], q.shape[1]).astype(jnp.float32)  # [K, tn]
-    groups = scale.shape[0]
-    return (rows.reshape(groups, -1, rows.shape[-1]) * scale[:, None, :]).reshape(rows.shape)
+    return jnp.concatenate(_int4_halves(q, scale), axis=-1)
+
+
+def _int4_halves(q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """An int4 tile's float32 values as its two halves of inputs, [tn, K/2] each."""
+    tn, groups = scale.shape  # even: no group straddles the halves
+
+    def half(nibbles, s):
+        v = (nibbles.astype(jnp.int8) - 8).astype(jnp.float32)
+        return (v.reshape(tn, groups // 2, -1) * s[:, :, None]).reshape(v.shape)
+
+    return half(q & 0xF, scale[:, : groups // 2]), half(q >> 4, scale[:, groups // 2 :])
 
 
 def quantize_kernel(w: Any, bits: int) -> QuantizedKernel:
@@ -66,31 +89,26 @@ def quantize_kernel(w: Any, bits: int) -> QuantizedKernel:
     one per column and group of INT4_GROUP rows (max |w| -> 7)."""
     w = np.asarray(w, np.float32)
     k, n = w.shape
-    group = INT4_GROUP if k % INT4_GROUP == 0 else k
+    group = INT4_GROUP if (k // 2) % INT4_GROUP == 0 else k // 2
     if bits == 4 and k % 2:
         raise ValueError(f"int4 packs two input rows per byte: expected an even input dimension, found a kernel {w.shape}")
-    tn = max(8, min(n, TILE_BYTES // (4 * k)))
+    tn = min(n, TILE_ROWS)
     tiles = -(-n // tn)
-    w = np.pad(w, ((0, 0), (0, tiles * tn - n)))
+    wt = np.pad(w.T, ((0, tiles * tn - n), (0, 0)))  # [N', K]
     if bits == 8:
-        scale = np.abs(w).max(axis=0, keepdims=True) / 127  # [1, N']
-        q = np.round(w / np.where(scale == 0, 1, scale)).astype(np.int8)
+        scale = np.abs(wt).max(axis=1, keepdims=True) / 127  # [N', 1]
+        q = np.round(wt / np.where(scale == 0, 1, scale)).astype(np.int8)
     else:
-        g = w.reshape(k // group, group, -1)
-        scale = np.abs(g).max(axis=1) / 7  # [K/group, N']
-        q4 = np.clip(np.round(g / np.where(scale == 0, 1, scale)[:, None]), -8, 7).astype(np.int16).reshape(k, -1) + 8
-        q = (q4[0::2] | (q4[1::2] << 4)).astype(np.uint8)  # rows 2i (low nibble) and 2i+1 (high)
-    split = lambda a: np.ascontiguousarray(a.reshape(a.shape[0], tiles, tn).transpose(1, 0, 2))  # noqa: E731
+        g = wt.reshape(len(wt), k // group, group)
+        scale = np.abs(g).max(axis=2) / 7  # [N', K/group]
+        q4 = np.clip(np.round(g / np.where(scale == 0, 1, scale)[:, :, None]), -8, 7).astype(np.int16).reshape(len(wt), k) + 8
+        q = (q4[:, : k // 2] | (q4[:, k // 2 :] << 4)).astype(np.uint8)  # inputs k (low nibble) and K/2 + k (high)
+    split = lambda a: np.ascontiguousarray(a.reshape(tiles, tn, a.shape[-1]))  # noqa: E731
     return QuantizedKernel(jnp.asarray(split(q)), jnp.asarray(split(scale.astype(np.float32))), n, bits)
 
 
-def quantize_params(params: Any, mode: str) -> Any:
-    """The params with the decoder's Dense kernels quantized ("none": unchanged)."""
-    if mode not in MODES:
-        raise ValueError(f"expected quantize in {MODES}, found {mode!r}")
-    if mode == "none":
-        return params
-    bits = 8 if mode == "int8" else 4
+def _decoder_dense_kernels(params: Any, replace) -> Any:
+    """The params with replace(kernel) for each of the decoder's Dense kernels."""
 
     def walk(tree: Any, path: tuple[str, ...]) -> Any:
         if not isinstance(tree, dict):
@@ -100,10 +118,25 @@ def quantize_params(params: Any, mode: str) -> Any:
             here = path + (key,)
             in_decoder = here[0] == "language_decoder"
             dense = len(here) >= 2 and (here[-2] == "output" or (len(here) >= 3 and here[-3] in QUANTIZED_PARENTS))
-            out[key] = quantize_kernel(value, bits) if key == "kernel" and in_decoder and dense else walk(value, here)
+            out[key] = replace(value) if key == "kernel" and in_decoder and dense else walk(value, here)
         return out
 
-    return walk(jax.tree.map(lambda x: x, params), ())
+    return walk(params, ())
+
+
+def quantize_params(params: Any, mode: str) -> Any:
+    """The params with the decoder's Dense kernels quantized ("none": unchanged)."""
+    if mode not in MODES:
+        raise ValueError(f"expected quantize in {MODES}, found {mode!r}")
+    if mode == "none":
+        return params
+    bits = 8 if mode == "int8" else 4
+    return _decoder_dense_kernels(params, lambda w: quantize_kernel(w, bits))
+
+
+def transpose_params(params: Any) -> Any:
+    """The params with the decoder's Dense kernels stored [N, K] (`TransposedKernel`), as they are."""
+    return _decoder_dense_kernels(params, lambda w: TransposedKernel(jnp.asarray(w).T.copy()))
 
 
 def is_quantized(params: Any) -> bool:
@@ -113,14 +146,17 @@ def is_quantized(params: Any) -> bool:
 def matmul(x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
     """x [..., K] @ the kernel -> float32 [..., N], one converted tile per scan iteration."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    xt = x.reshape(-1, x.shape[-1]).astype(jnp.float32).T  # [K, M]
 
     def body(_, tile):
         q, scale = tile
-        return None, x2 @ _tile(q, scale, kernel.bits)
+        if kernel.bits == 8:  # one scale per output channel: applied to the product, not the tile
+            return None, (q.astype(jnp.float32) @ xt) * scale
+        lo, hi = _int4_halves(q, scale)  # two products: no concatenated tile
+        return None, lo @ xt[: lo.shape[1]] + hi @ xt[lo.shape[1] :]
 
-    _, y = jax.lax.scan(body, None, (kernel.q, kernel.scale))  # [tiles, M, tn]
-    y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)[:, : kernel.features]
+    _, y = jax.lax.scan(body, None, (kernel.q, kernel.scale))  # [tiles, tn, M]
+    y = y.reshape(-1, xt.shape[1])[: kernel.features].T
     return y.reshape(*lead, kernel.features)
 
 
@@ -128,18 +164,22 @@ def _intercept(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name == "__call__" and isinstance(module, nn.Dense) and module.has_variable("params", "kernel"):
         kernel = module.get_variable("params", "kernel")
-        if isinstance(kernel, QuantizedKernel):
+        if isinstance(kernel, SERVING_KERNELS):
             (x,) = args
-            y = matmul(x, kernel)
+            if isinstance(kernel, QuantizedKernel):
+                y = matmul(x, kernel)
+            else:
+                x, kt = promote_dtype(x, kernel.kt, dtype=module.dtype)
+                y = jnp.moveaxis(jax.lax.dot_general(kt, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)  # [N, ...] -> [..., N]
             if module.use_bias:
-                y = y + module.get_variable("params", "bias").astype(jnp.float32)
+                y = y + module.get_variable("params", "bias").astype(y.dtype)
             return y.astype(module.dtype or x.dtype)
     return next_fun(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def dequantizing():
-    """Within it, Dense layers with a `QuantizedKernel` multiply tile by tile; other layers as usual.
-    Traced functions (jit) must be traced inside it."""
+    """Within it, Dense layers with a `QuantizedKernel` or `TransposedKernel` multiply as described
+    above; other layers as usual. Traced functions (jit) must be traced inside it."""
     with nn.intercept_methods(_intercept):
         yield

@@ -247,7 +247,7 @@ def test_int8_export_runs_without_jax_and_keeps_the_fp32_labels(ended, images, o
     ckpt, onnx_dir, _ = ended
     export(ckpt, tmp_path / "int8", "--quantize", "int8")
     config = json.loads((tmp_path / "int8" / "config.json").read_text())
-    assert config["quantize"] == "int8"
+    assert (config["quantize"], config["accuracy_level"]) == ("int8", 4)  # int8 arithmetic: the fast kernels
     graph = onnx.load(str(tmp_path / "int8" / "decoder.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == 2 * 7 + 1  # wq wk wv wo w1 w2 w3 per block, and the output layer
