@@ -82,9 +82,9 @@ class Tagger:
         else:
             params = checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model, mesh))
         if quantize != "none":
-            params = _quantize.quantize_params(params, quantize)
+            params = _quantize.quantize_params(params, quantize, consume=True)
         elif mesh is None and jax.default_backend() == "cpu":
-            params = _quantize.transpose_params(params)
+            params = _quantize.transpose_params(params, consume=True)
         return cls(model, params, tok, **kw)
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:

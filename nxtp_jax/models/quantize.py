@@ -107,8 +107,15 @@ def quantize_kernel(w: Any, bits: int) -> QuantizedKernel:
     return QuantizedKernel(jnp.asarray(split(q)), jnp.asarray(split(scale.astype(np.float32))), n, bits)
 
 
-def _decoder_dense_kernels(params: Any, replace) -> Any:
-    """The params with replace(kernel) for each of the decoder's Dense kernels."""
+def _decoder_dense_kernels(params: Any, replace, consume: bool) -> Any:
+    """The params with replace(kernel) for each of the decoder's Dense kernels; with `consume`, each
+    replaced kernel's buffer is deleted at once, so the peak stays one kernel above the params."""
+
+    def swap(w):
+        out = replace(w)
+        if consume and isinstance(w, jax.Array):
+            w.delete()
+        return out
 
     def walk(tree: Any, path: tuple[str, ...]) -> Any:
         if not isinstance(tree, dict):
@@ -118,25 +125,27 @@ def _decoder_dense_kernels(params: Any, replace) -> Any:
             here = path + (key,)
             in_decoder = here[0] == "language_decoder"
             dense = len(here) >= 2 and (here[-2] == "output" or (len(here) >= 3 and here[-3] in QUANTIZED_PARENTS))
-            out[key] = replace(value) if key == "kernel" and in_decoder and dense else walk(value, here)
+            out[key] = swap(value) if key == "kernel" and in_decoder and dense else walk(value, here)
         return out
 
     return walk(params, ())
 
 
-def quantize_params(params: Any, mode: str) -> Any:
-    """The params with the decoder's Dense kernels quantized ("none": unchanged)."""
+def quantize_params(params: Any, mode: str, *, consume: bool = False) -> Any:
+    """The params with the decoder's Dense kernels quantized ("none": unchanged). With `consume` the
+    originals are deleted as they are replaced: `params` must not be used afterwards."""
     if mode not in MODES:
         raise ValueError(f"expected quantize in {MODES}, found {mode!r}")
     if mode == "none":
         return params
     bits = 8 if mode == "int8" else 4
-    return _decoder_dense_kernels(params, lambda w: quantize_kernel(w, bits))
+    return _decoder_dense_kernels(params, lambda w: quantize_kernel(w, bits), consume)
 
 
-def transpose_params(params: Any) -> Any:
-    """The params with the decoder's Dense kernels stored [N, K] (`TransposedKernel`), as they are."""
-    return _decoder_dense_kernels(params, lambda w: TransposedKernel(jnp.asarray(w).T.copy()))
+def transpose_params(params: Any, *, consume: bool = False) -> Any:
+    """The params with the decoder's Dense kernels stored [N, K] (`TransposedKernel`), as they are;
+    `consume` as in `quantize_params`."""
+    return _decoder_dense_kernels(params, lambda w: TransposedKernel(jnp.asarray(w).T.copy()), consume)
 
 
 def is_quantized(params: Any) -> bool:
