@@ -41,7 +41,7 @@ JSON = flags.DEFINE_bool("json", False, "Print JSON instead of the original's te
 RANKING = flags.DEFINE_enum("ranking", "prob", ["prob", "ppl", "sim", "none"], "How labels are ranked.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
 QUANTIZE = flags.DEFINE_enum(
-    "quantize", "none", ["none", "int8", "int4"], "Decoder weights in 8 bits per output channel or 4 bits in groups (CPU: faster)."
+    "quantize", "none", ["none", "int8", "int4"], "Decoder weights in 8 bits per output channel or 4 bits in groups: less memory (docs/benchmarks.md)."
 )
 MIN_PROB = flags.DEFINE_float("min_prob", 0.0, "Drop labels scored below this probability (ranking 'prob').")
 VOCAB = flags.DEFINE_string(

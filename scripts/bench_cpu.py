@@ -2,6 +2,7 @@
 
     python scripts/bench_cpu.py --workdir /tmp/bench_onnx          # in the export environment (docs/export.md)
     python scripts/bench_cpu.py --workdir /tmp/bench_small --layers 1 --vit_layers 2   # a quick small run
+    python scripts/bench_cpu.py --matmuls     # GFLOP/s of the decoder's products, per layout and engine
 
 One run, one table: top-k of one 224px image, each configuration in its own process (its peak
 memory its own), each figure beside its floor (scripts/bench_cpu_floor.py: bytes that must be
@@ -16,7 +17,10 @@ fraction floor / measured.
   at the delimiter, c3 or c2 (a third each), so labels are 1-3 tokens and branches end after
   2-4 tokens, as a trained model's do. The decode steps run are counted and shown.
 - quantized ONNX exports are made from WORKDIR/onnx by `onnx_export.quantize_decoder` (what
-  `convert/to_onnx.py --quantize` does after exporting), in WORKDIR/onnx_int8 and onnx_int4.
+  `convert/to_onnx.py --quantize` does after exporting, at its default accuracy_level), in
+  WORKDIR/onnx_int8 and onnx_int4.
+- `--phases` times the fp32 encoder and prefill of each engine apart (best of 3), the profile
+  behind docs/benchmarks.md's comparison of the two.
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ def run_config(args, engine: str, quantize: str, case: str) -> dict:
 
         tagger = Tagger.load(work / "ckpt", dtype=jnp.float32, quantize=quantize, batch_size=1)
         if case == "realistic":
-            tagger.params["language_decoder"]["tok_embeddings"]["embedding"] = jnp.asarray(np.load(work / "embeddings_realistic.npy"))
+            tagger.serving_params["language_decoder"]["tok_embeddings"]["embedding"] = jnp.asarray(np.load(work / "embeddings_realistic.npy"))
         x = jnp.asarray(tagger.preprocess([image]))
 
         def run():
@@ -234,7 +238,7 @@ def matmuls(args) -> None:
             engines[name] = lambda x, w, bits=bits, level=level: _ort_matmul(x, w, bits, level, args.threads)
     except ImportError:
         print("(onnxruntime not installed: its rows are left out)")
-    print(f"GFLOP/s of [M, K] x [K, N], float32 activations, {os.cpu_count()} cores")
+    print(f"GFLOP/s of [M, K] x [K, N], float32 activations, {os.cpu_count()} cores of {cpu_name()}")
     print("| M | K | N | " + " | ".join(engines) + " |")
     print("|---|---|---|" + "---|" * len(engines))
     for m in (args.k, 284):
@@ -268,11 +272,73 @@ def _ort_matmul(x: np.ndarray, w: np.ndarray, bits: int | None, level: int | Non
     return lambda: session.run(None, {"x": x})
 
 
+def _best(fn, n: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def phases(args, engine: str) -> dict:
+    """Seconds of the fp32 encoder and of the prefill (the prefix through the decoder into an empty cache)."""
+    work = pathlib.Path(args.workdir)
+    image = np.random.default_rng(0).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+    sampled = 19  # MAX_UPDATES - 1
+    if engine == "onnxruntime":
+        from nxtp_jax.export.ort_tagger import OrtTagger, prefix_mask
+
+        t = OrtTagger(work / "onnx", threads=args.threads)
+        pixels = t.preprocess([image])
+        h = t._prefix(pixels)
+        t0, n = h.shape[1], t.config["num_image_tokens"]
+        capacity = t0 + args.k * (sampled - 1)
+        mask = np.zeros((1, 1, t0, capacity), bool)
+        mask[0, 0, :, :t0] = prefix_mask(n, t0)
+        return {
+            "encoder": _best(lambda: t.image_tokens(pixels)),
+            "prefill": _best(lambda: t.decode(h, np.arange(t0)[None], mask, 0, [t0 - 1], t._empty_cache(1, capacity))),
+        }
+    import jax
+    import jax.numpy as jnp
+
+    from nxtp_jax.inference import sampling
+    from nxtp_jax.inference.tagger import Tagger
+    from nxtp_jax.models import mask as masks
+    from nxtp_jax.models import quantize
+    from nxtp_jax.models.llama import init_cache
+    from nxtp_jax.models.recognizer import Recognizer
+
+    t = Tagger.load(work / "ckpt", dtype=jnp.float32, batch_size=1)
+    model, params, x = t.model, t.serving_params, jnp.asarray(t.preprocess([image]))
+    with quantize.dequantizing():
+        h = sampling.prefix_embeddings(model, params, x, t.prompt)
+        t0, n = h.shape[1], model.config.vision.num_patches
+        capacity = t0 + args.k * (sampled - 1)
+
+        def prefill(params, h):
+            cache = init_cache(model.config.decoder, 1, capacity, model.dtype)
+            prefix = jnp.pad(masks.prefix_mask(n, t0), ((0, 0), (0, 0), (0, 0), (0, capacity - t0)))
+            return model.apply({"params": params}, h, jnp.arange(t0)[None], prefix, cache, 0, method=Recognizer.decode)
+
+        encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Recognizer.encode_images))
+        prefill = jax.jit(prefill)
+        return {
+            "encoder": _best(lambda: jax.block_until_ready(encode(params, x))),
+            "prefill": _best(lambda: jax.block_until_ready(prefill(params, h))),
+        }
+
+
 def child(args) -> None:
     if args.child == "sizes":
         return sizes_and_table(args)
     if args.child.startswith("quantize-"):
         return quantize_export(args, args.child.removeprefix("quantize-"))
+    if args.child.startswith("phases-"):
+        print("RESULT " + json.dumps(phases(args, args.child.removeprefix("phases-"))))
+        return
     engine, quantize, case = args.child.split(":")
     print("RESULT " + json.dumps(run_config(args, engine, quantize, case)))
 
@@ -289,6 +355,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=[f"{e}:{q}" for e, q in CONFIGS], help="engine:quantize, e.g. jax:int8")
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
     ap.add_argument("--matmuls", action="store_true", help="only the per-product rates of each layout and engine")
+    ap.add_argument("--phases", action="store_true", help="only the fp32 encoder and prefill times of each engine")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -298,6 +365,15 @@ def main() -> None:
         return matmuls(args)
     if not args.workdir:
         ap.error("--workdir is required")
+    if args.phases:
+        for engine in ("onnxruntime", "jax"):
+            res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"phases-{engine}"], capture_output=True, text=True)
+            lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+            if res.returncode or not lines:
+                sys.exit(f"{engine} failed:\n{res.stderr[-2000:]}")
+            r = json.loads(lines[-1].removeprefix("RESULT "))
+            print(f"{engine}: encoder {r['encoder']:.2f} s, prefill {r['prefill']:.2f} s (fp32, best of 3)")
+        return
 
     prepare(args)
     work = pathlib.Path(args.workdir)
@@ -320,7 +396,7 @@ def main() -> None:
     after["load_average"] = os.getloadavg()[0]
     show_limits("after", after)
     limits = {key: max(before[key], after[key]) for key in ("bandwidth", "matmul")}
-    print(f"\ntop-{args.k}, one 224px image, {os.cpu_count()} CPU cores; bandwidth {limits['bandwidth']:.1f} GB/s, "
+    print(f"\ntop-{args.k}, one 224px image, {os.cpu_count()} cores of {cpu_name()}; bandwidth {limits['bandwidth']:.1f} GB/s, "
           f"matmul {limits['matmul']:.0f} GFLOP/s\n")
     print("| engine | weights | case | decode steps | s / image | floor (s) | floor / measured | label tokens | peak RSS (GiB) | load avg | tokens vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -333,6 +409,14 @@ def main() -> None:
         print(f"| {engine} | {quantize} | {case} | {r['steps']} | {r['seconds']:.2f} | {fl:.2f} | {fl / r['seconds']:.2f} "
               f"| {'-'.join(map(str, r['label_tokens']))} | {r['peak_rss_gib']:.1f} | {r['load_average']:.1f} | {same} |")
     (work / "bench_cpu.json").write_text(json.dumps({"limits": [before, after], "sizes": sizes, "results": results}))
+
+
+def cpu_name() -> str:
+    """The model name and widest vector extension, from /proc/cpuinfo."""
+    info = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "an unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return f"{name} ({'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
 
 
 def show_limits(when: str, m: dict) -> None:

@@ -89,19 +89,15 @@ def run_engine(engine: str, args, ckpt: pathlib.Path, onnx_dir: pathlib.Path, im
         import jax
         import jax.numpy as jnp
 
-        from nxtp_jax import prompts
-        from nxtp_jax.inference import sampling
         from nxtp_jax.data import preprocess
         from nxtp_jax.inference.tagger import Tagger
 
-        tagger = Tagger.load(ckpt, dtype=jnp.float32)
+        tagger = Tagger.load(ckpt, dtype=jnp.float32, batch_size=1)
         images = jnp.asarray(preprocess.normalize(image)[None])
-        prompt = jnp.asarray(prompts.inference_prompt(tagger.tokenizer))
-        delimiter = tagger.tokenizer.delimiter_id
 
         def run():
-            out = sampling.one_shot(tagger.model, tagger.params, images, prompt, k=args.k, delimiter_id=delimiter)
-            return tuple(np.asarray(x) for x in jax.block_until_ready(out))
+            out = tagger.sample(images, args.k)
+            return tuple(np.asarray(x) for x in jax.block_until_ready((out["tokens"], out["probs"])))
 
     start = time.perf_counter()
     tokens, _ = run()

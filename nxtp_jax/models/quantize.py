@@ -148,6 +148,17 @@ def transpose_params(params: Any, *, consume: bool = False) -> Any:
     return _decoder_dense_kernels(params, lambda w: TransposedKernel(jnp.asarray(w).T.copy()), consume)
 
 
+def untransposed(params: Any) -> Any:
+    """The params with each `TransposedKernel` back as a [K, N] array (the tree itself when there is none)."""
+    if not any(isinstance(x, TransposedKernel) for x in jax.tree.leaves(params, is_leaf=_is_transposed)):
+        return params
+    return jax.tree.map(lambda x: x.kt.T if _is_transposed(x) else x, params, is_leaf=_is_transposed)
+
+
+def _is_transposed(x: Any) -> bool:
+    return isinstance(x, TransposedKernel)
+
+
 def is_quantized(params: Any) -> bool:
     return any(isinstance(x, QuantizedKernel) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedKernel)))
 
