@@ -226,7 +226,7 @@ def matmuls(args) -> None:
     engines = {
         "numpy x@W": lambda x, w: lambda: x @ w,
         "jax x@W (naive)": lambda x, w: timed(jax.jit(jnp.dot), jnp.asarray(x), jnp.asarray(w)),
-        "jax transposed": lambda x, w: timed(jax.jit(lambda a, kt: (kt @ a.T).T), jnp.asarray(x), jnp.asarray(w.T.copy())),
+        "jax transposed": lambda x, w: timed(jax.jit(quantize.transposed_matmul), jnp.asarray(x), jnp.asarray(w.T.copy())),
         "jax int8": lambda x, w: timed(jax.jit(quantize.matmul), jnp.asarray(x), quantize.quantize_kernel(w, 8)),
         "jax int4": lambda x, w: timed(jax.jit(quantize.matmul), jnp.asarray(x), quantize.quantize_kernel(w, 4)),
     }
@@ -398,15 +398,17 @@ def main() -> None:
     limits = {key: max(before[key], after[key]) for key in ("bandwidth", "matmul")}
     print(f"\ntop-{args.k}, one 224px image, {os.cpu_count()} cores of {cpu_name()}; bandwidth {limits['bandwidth']:.1f} GB/s, "
           f"matmul {limits['matmul']:.0f} GFLOP/s\n")
-    print("| engine | weights | case | decode steps | s / image | floor (s) | floor / measured | label tokens | peak RSS (GiB) | load avg | tokens vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| engine | weights | case | decode steps | s / image | floor (s) | floor / measured | bandwidth floor (s) | label tokens | peak RSS (GiB) | load avg | tokens vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         engine, quantize, case = key.split(":")
-        fl = bench_cpu_floor.floor(floor_phases(sizes, quantize, args.k, r["steps"]), limits["bandwidth"], limits["matmul"])
+        phases = floor_phases(sizes, quantize, args.k, r["steps"])
+        fl = bench_cpu_floor.floor(phases, limits["bandwidth"], limits["matmul"])
+        bw = bench_cpu_floor.floor(phases, limits["bandwidth"], float("inf"))  # bytes alone
         ref = results.get(f"{engine}:none:{case}")
         same = "-" if ref is None or quantize == "none" else f"{np.mean(np.asarray(r['tokens']) == np.asarray(ref['tokens'])):.0%} equal"
-        r["floor"] = fl
-        print(f"| {engine} | {quantize} | {case} | {r['steps']} | {r['seconds']:.2f} | {fl:.2f} | {fl / r['seconds']:.2f} "
+        r["floor"], r["bandwidth_floor"] = fl, bw
+        print(f"| {engine} | {quantize} | {case} | {r['steps']} | {r['seconds']:.2f} | {fl:.2f} | {fl / r['seconds']:.2f} | {bw:.2f} "
               f"| {'-'.join(map(str, r['label_tokens']))} | {r['peak_rss_gib']:.1f} | {r['load_average']:.1f} | {same} |")
     (work / "bench_cpu.json").write_text(json.dumps({"limits": [before, after], "sizes": sizes, "results": results}))
 

@@ -9,8 +9,8 @@
   `nn.Dense` calls whose kernel is one of these.
 
 Why transposed: the sampler multiplies k rows (20) by each weight. XLA's CPU dot runs that
-[k, K] x [K, N] product at 40-60 GFLOP/s on a 2-core AVX2 machine, but the same product as
-[N, K] x [K, k] at 75-95 (scripts/bench_cpu.py --matmuls). Both layouts sum the same products.
+[k, K] x [K, N] product at 28-52 GFLOP/s on a 2-core AVX2 machine, but the same product as
+[N, K] x [K, k] at 70-94 (scripts/bench_cpu.py --matmuls). Both layouts sum the same products.
 
 Why tiles: XLA hoists a loop-invariant `convert(int8 -> f32)` of a whole weight out of the
 sampler's `while_loop`, so a plain `q.astype(f32) @ x` would make one fp32 copy of every weight
@@ -180,6 +180,11 @@ def matmul(x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
     return y.reshape(*lead, kernel.features)
 
 
+def transposed_matmul(x: jax.Array, kt: jax.Array) -> jax.Array:
+    """x [..., K] @ kt.T -> [..., N], as kt [N, K] times x's rows."""
+    return jnp.moveaxis(jax.lax.dot_general(kt, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
+
+
 def _intercept(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name == "__call__" and isinstance(module, nn.Dense) and module.has_variable("params", "kernel"):
@@ -189,8 +194,7 @@ def _intercept(next_fun, args, kwargs, context):
             if isinstance(kernel, QuantizedKernel):
                 y = matmul(x, kernel)
             else:
-                x, kt = promote_dtype(x, kernel.kt, dtype=module.dtype)
-                y = jnp.moveaxis(jax.lax.dot_general(kt, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)  # [N, ...] -> [..., N]
+                y = transposed_matmul(*promote_dtype(x, kernel.kt, dtype=module.dtype))
             if module.use_bias:
                 y = y + module.get_variable("params", "bias").astype(y.dtype)
             return y.astype(module.dtype or x.dtype)
