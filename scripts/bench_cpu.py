@@ -367,11 +367,9 @@ def main() -> None:
         ap.error("--workdir is required")
     if args.phases:
         for engine in ("onnxruntime", "jax"):
-            res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"phases-{engine}"], capture_output=True, text=True)
-            lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
-            if res.returncode or not lines:
-                sys.exit(f"{engine} failed:\n{res.stderr[-2000:]}")
-            r = json.loads(lines[-1].removeprefix("RESULT "))
+            r = run_child(f"phases-{engine}")
+            if r is None:
+                sys.exit(1)
             print(f"{engine}: encoder {r['encoder']:.2f} s, prefill {r['prefill']:.2f} s (fp32, best of 3)")
         return
 
@@ -384,12 +382,10 @@ def main() -> None:
     results = {}
     for config in args.configs:
         for case in args.cases:
-            res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{config}:{case}"], capture_output=True, text=True)
-            lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
-            if res.returncode or not lines:
-                print(f"{config} {case} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+            r = run_child(f"{config}:{case}")
+            if r is None:
                 continue
-            r = results[f"{config}:{case}"] = json.loads(lines[-1].removeprefix("RESULT "))
+            results[f"{config}:{case}"] = r
             print(f"  {config} {case}: {r['seconds']:.2f} s ({r['steps']} steps, load average {r['load_average']:.2f})", flush=True)
 
     after = bench_cpu_floor.measure(args.threads)  # the machine may be shared: the floor takes the best of both
@@ -411,6 +407,16 @@ def main() -> None:
         print(f"| {engine} | {quantize} | {case} | {r['steps']} | {r['seconds']:.2f} | {fl:.2f} | {fl / r['seconds']:.2f} | {bw:.2f} "
               f"| {'-'.join(map(str, r['label_tokens']))} | {r['peak_rss_gib']:.1f} | {r['load_average']:.1f} | {same} |")
     (work / "bench_cpu.json").write_text(json.dumps({"limits": [before, after], "sizes": sizes, "results": results}))
+
+
+def run_child(name: str) -> dict | None:
+    """This script again with `--child name` (its own process); its RESULT, or None after printing why."""
+    res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", name], capture_output=True, text=True)
+    lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+    if res.returncode or not lines:
+        print(f"{name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        return None
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def cpu_name() -> str:

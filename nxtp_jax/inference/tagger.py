@@ -188,7 +188,6 @@ class Tagger:
 
         `vocab` (one-shot only) constrains the branches to a closed vocabulary, as in `predict`.
         """
-        tok = self.tokenizer
         check_num_labels(num_labels)
         vocab = self.vocabulary(vocab)
         if vocab is not None and strategy != "one_shot":

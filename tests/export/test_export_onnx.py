@@ -20,6 +20,7 @@ import pytest
 from export_helpers import ROOT, assert_same_predictions, export, infer_json, run, tiny_checkpoint, write_images
 from nxtp_jax import checkpoint, prompts
 from nxtp_jax.inference import sampling
+from nxtp_jax.export import onnx_export
 from nxtp_jax.export.ort_tagger import OrtTagger
 from nxtp_jax.models.config import DecoderConfig
 from nxtp_jax.models.recognizer import Recognizer, init_params
@@ -266,3 +267,9 @@ def test_int8_export_runs_without_jax_and_keeps_the_fp32_labels(ended, images, o
             if x["prob"] >= 0.01:
                 assert abs(got_probs[x["label"]] - x["prob"]) <= 0.1, (g["image"], x)
     assert sum(x["prob"] >= 0.01 for w in want for x in w["labels"]) >= len(want)
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, "4"])
+def test_quantize_refuses_an_accuracy_level_it_does_not_offer(tmp_path, level):
+    with pytest.raises(ValueError, match="expected accuracy_level in"):
+        onnx_export.quantize_decoder(tmp_path / "decoder.onnx", "int8", level)
