@@ -149,18 +149,9 @@ def transpose_params(params: Any, *, consume: bool = False) -> Any:
 
 
 def untransposed(params: Any) -> Any:
-    """The params with each `TransposedKernel` back as a [K, N] array (the tree itself when there is none)."""
-    if not any(isinstance(x, TransposedKernel) for x in jax.tree.leaves(params, is_leaf=_is_transposed)):
-        return params
-    return jax.tree.map(lambda x: x.kt.T if _is_transposed(x) else x, params, is_leaf=_is_transposed)
-
-
-def _is_transposed(x: Any) -> bool:
-    return isinstance(x, TransposedKernel)
-
-
-def is_quantized(params: Any) -> bool:
-    return any(isinstance(x, QuantizedKernel) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedKernel)))
+    """The params with each `TransposedKernel` back as a [K, N] array."""
+    is_transposed = lambda x: isinstance(x, TransposedKernel)  # noqa: E731
+    return jax.tree.map(lambda x: x.kt.T if is_transposed(x) else x, params, is_leaf=is_transposed)
 
 
 def matmul(x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
