@@ -26,6 +26,7 @@ fraction floor / measured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -39,7 +40,6 @@ import numpy as np
 import bench_cpu_floor
 import bench_onnx  # scripts/ is on the path when a script runs
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = [  # (engine, quantize)
     ("onnxruntime", "none"), ("onnxruntime", "int8"), ("onnxruntime", "int4"),
     ("jax", "none"), ("jax", "int8"), ("jax", "int4"),
@@ -230,13 +230,11 @@ def matmuls(args) -> None:
         "jax int8": lambda x, w: timed(jax.jit(quantize.matmul), jnp.asarray(x), quantize.quantize_kernel(w, 8)),
         "jax int4": lambda x, w: timed(jax.jit(quantize.matmul), jnp.asarray(x), quantize.quantize_kernel(w, 4)),
     }
-    try:
-        import onnxruntime  # noqa: F401
-
-        for name, level in (("ort fp32", None), ("ort int8 level 0", 0), ("ort int8 level 4", 4), ("ort int4 level 0", 0), ("ort int4 level 4", 4)):
-            bits = None if level is None else int(name.split()[1][3:])
+    if importlib.util.find_spec("onnxruntime"):
+        for bits, level in ((None, None), (8, 0), (8, 4), (4, 0), (4, 4)):
+            name = "ort fp32" if bits is None else f"ort int{bits} level {level}"
             engines[name] = lambda x, w, bits=bits, level=level: _ort_matmul(x, w, bits, level, args.threads)
-    except ImportError:
+    else:
         print("(onnxruntime not installed: its rows are left out)")
     print(f"GFLOP/s of [M, K] x [K, N], float32 activations, {os.cpu_count()} cores of {cpu_name()}")
     print("| M | K | N | " + " | ".join(engines) + " |")

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(onnx_export.DTYPES), default="float32", help="weights and activations")
     p.add_argument(
         "--quantize", choices=onnx_export.QUANTIZE, default="none",
-        help="decoder weights in 8 or 4 bits (MatMulNBits, blocks of 128 rows; activations stay float32)",
+        help="decoder weights in 8 or 4 bits (MatMulNBits, one scale per block of 128 rows and column)",
     )
     p.add_argument(
         "--accuracy_level", type=int, choices=onnx_export.ACCURACY_LEVELS, default=onnx_export.DEFAULT_ACCURACY_LEVEL,
