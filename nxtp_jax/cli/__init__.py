@@ -1,0 +1,1 @@
+"""The command layer: every console entry point, each a thin `command.Command` over library functions."""
