@@ -20,3 +20,7 @@ SCHEDULES = ("original", "warmup_cosine")
 MODES = ("train", "eval", "train_and_eval")
 INITS = ("checkpoint", "scratch")
 SYNTHETIC = ("", "shapes")
+# Decoder weight quantization for serving: none, int8 per output channel, int4 in groups.
+QUANTIZE = ("none", "int8", "int4")
+# Labels per image (k of the one-shot sampling) when a caller does not say.
+DEFAULT_NUM_LABELS = 10
