@@ -35,7 +35,7 @@ PAPER_TRAINABLE = (
 
 def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
-    c.mode = "train_and_eval"  # train | eval | train_and_eval
+    c.mode = "train_and_eval"  # train | eval | train_and_eval | compile (TPU memory and speed check, nxtp_jax/aot)
     c.workdir = ""  # default for --workdir: checkpoints, logs, config.json, eval results
     c.seed = 42  # init, data order, prompt templates and label shuffles all derive from it
 
@@ -141,4 +141,12 @@ def get_config() -> config_dict.ConfigDict:
     c.eval.max_images = 0  # evaluate the first N images only; 0 = all
     c.eval.examples = 0  # predictions printed for this many images
     c.eval.baseline = False  # also score the frequency baseline (the k most common training labels)
+
+    # mode "compile": ahead-of-time compiles for a TPU topology on any host (needs `pip install -e ".[tpu]"`).
+    c.compile = config_dict.ConfigDict()
+    c.compile.topology = "v5e-4"  # v4-32, v5e-16 / v5litepod-16, v5p-64, v6e-8, or JAX's form v5e:4x4
+    c.compile.num_slices = 1  # slices joined over the data-center network (multi-slice)
+    c.compile.programs = "train,eval,tag"  # which of train, eval, tag
+    c.compile.search = ""  # "" | "batch" (largest per-chip batch that fits) | "mesh" (meshes ranked by step time)
+    c.compile.tag_batches = (1, 8, 32)  # batches of the tagging program (one chip, bf16 params as Tagger.load)
     return c

@@ -17,9 +17,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Learning-rate schedules: the original's exact off-by-one, and the clean warmup + cosine.
 SCHEDULES = ("original", "warmup_cosine")
 # Experiment modes, model initialisations and synthetic datasets of configs/base.py.
-MODES = ("train", "eval", "train_and_eval")
+MODES = ("train", "eval", "train_and_eval", "compile")
 INITS = ("checkpoint", "scratch")
 SYNTHETIC = ("", "shapes")
+# Programs that mode "compile" builds for a TPU topology, and what it searches over (nxtp_jax/aot).
+COMPILE_PROGRAMS = ("train", "eval", "tag")
+COMPILE_SEARCHES = ("", "batch", "mesh")
 # Decoder weight quantization for serving: none, int8 per output channel, int4 in groups.
 QUANTIZE = ("none", "int8", "int4")
 # Labels per image (k of the one-shot sampling) when a caller does not say.
