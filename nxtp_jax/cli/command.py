@@ -105,7 +105,13 @@ class Command:
 
     def entry(self) -> NoReturn:
         """The console script: runs on sys.argv and exits with the status."""
-        sys.exit(self())
+        try:
+            status = self()
+            sys.stdout.flush()
+        except BrokenPipeError:  # `... | head`: the reader left; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            status = 0
+        sys.exit(status)
 
 
 def _usage(prog: str, error: BaseException, verbose: bool) -> int:

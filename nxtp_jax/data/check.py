@@ -1,4 +1,4 @@
-"""Check WebDataset shards: `python -m nxtp_jax.data.check PATH [PATH ...]`.
+"""Check WebDataset shards (the `nxtp-check` command, also `python -m nxtp_jax.data.check PATH ...`).
 
 Every sample is read and its image fully decoded, as training would. Prints each shard's
 count of valid samples and every problem (member, kind, reason), then a total line
@@ -11,7 +11,6 @@ before its first sample: a text file, a gzip, a shard cut inside its first heade
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence, TextIO
 
@@ -46,17 +45,12 @@ def check_shard(shard: str) -> tuple[int, list[Skip]]:
     return valid, problems
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nxtp_jax.data.check",
-        description="Check WebDataset tar shards for samples that training would skip.",
-    )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="a .tar shard or a directory of them")
-    parser.add_argument("--strict", action="store_true", help="also exit 1 when any sample was skipped")
-    args = parser.parse_args(argv)
+def check_paths(paths: Sequence[str], *, strict: bool = False, out: TextIO | None = None) -> int:
+    """Checks every shard of `paths` (shards or directories), printing to `out`; returns the exit status."""
+    out = out or sys.stdout
     total_valid = total_skipped = num_shards = 0
     ok = True
-    for path in args.paths:
+    for path in paths:
         try:
             shards = find_shards(path)
         except OSError as e:  # missing, unreadable, a symlink loop
@@ -81,10 +75,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             total_valid += valid
             total_skipped += len(problems)
     print(f"valid={total_valid} skipped={total_skipped} shards={num_shards}", file=out)
-    if args.strict and total_skipped:
+    if strict and total_skipped:
         ok = False
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nxtp_jax.cli.check import check
+
+    check.entry()

@@ -6,7 +6,6 @@ import logging
 import os
 import struct
 import subprocess
-import sys
 import tarfile
 import zlib
 
@@ -15,6 +14,7 @@ import pytest
 from hang_guard import hang_guard
 from PIL import Image
 
+from nxtp_jax.cli.check import check as check_command
 from nxtp_jax.data import check, pipeline
 from nxtp_jax.data.samples import MAX_TEXT_BYTES, SKIP_KINDS
 from nxtp_jax.data.skips import skip_summary
@@ -136,7 +136,7 @@ def test_check_cli_reports_each_problem(tmp_path):
     shards, good_keys, expected = make_bad_shards(tmp_path)
     os.symlink(tmp_path / "gone.tar", tmp_path / "dangling.tar")
     out = io.StringIO()
-    code = check.main([str(tmp_path)], out=out)
+    code = check.check_paths([str(tmp_path)], out=out)
     text = out.getvalue()
     assert code == 1  # the dangling shard cannot be opened
     lines = text.splitlines()
@@ -152,12 +152,10 @@ def test_check_cli_reports_each_problem(tmp_path):
     assert lines[-1] == f"valid={len(good_keys)} skipped={total} shards=4"
 
 
-def test_check_cli_as_module_exits_zero_on_good_shards(tmp_path):
+def test_nxtp_check_console_script_exits_zero_on_good_shards(tmp_path):
     shard = str(tmp_path / "ok.tar")
     write_shard(shard, [good("k1", 1), good("k2", 2)])
-    proc = subprocess.run(
-        [sys.executable, "-m", "nxtp_jax.data.check", shard], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run(["nxtp-check", shard], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"{shard}: valid=2 skipped=0", "valid=2 skipped=0 shards=1"]
 
@@ -212,34 +210,40 @@ def test_check_cli_exits_one_on_a_folder_with_a_file_that_is_not_a_tar(tmp_path,
     write_shard(str(tmp_path / "b.tar"), [good("k3", 3)])
     (tmp_path / "c.tar").write_bytes(not_a_tar(kind))
     out = io.StringIO()
-    assert check.main([str(tmp_path)], out=out) == 1
+    assert check.check_paths([str(tmp_path)], out=out) == 1
     lines = out.getvalue().splitlines()
     assert lines[:2] == [f"{tmp_path / 'a.tar'}: valid=2 skipped=0", f"{tmp_path / 'b.tar'}: valid=1 skipped=0"]
     assert lines[2].startswith(f"{tmp_path / 'c.tar'}: not a readable tar shard: ")
     assert lines[3:] == ["valid=3 skipped=0 shards=3"]
 
 
-def test_check_cli_as_module_exit_status_with_and_without_a_file_that_is_not_a_tar(tmp_path):
+def test_check_command_exit_status_with_and_without_a_file_that_is_not_a_tar(tmp_path, capsys):
     write_shard(str(tmp_path / "a.tar"), [good("k1", 1), good("k2", 2)])
     write_shard(str(tmp_path / "b.tar"), [good("k3", 3)])
-    cmd = [sys.executable, "-m", "nxtp_jax.data.check"]
-    good_only = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert good_only.returncode == 0, good_only.stdout + good_only.stderr
+    assert check_command([str(tmp_path)]) == 0
+    capsys.readouterr()
     (tmp_path / "notes.tar").write_bytes(not_a_tar("text"))
-    with_text = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert with_text.returncode == 1, with_text.stdout + with_text.stderr
-    assert with_text.stdout.splitlines()[-1] == "valid=3 skipped=0 shards=3"
-    assert f"{tmp_path / 'notes.tar'}: not a readable tar shard" in with_text.stdout
+    assert check_command([str(tmp_path)]) == 1
+    stdout = capsys.readouterr().out
+    assert stdout.splitlines()[-1] == "valid=3 skipped=0 shards=3"
+    assert f"{tmp_path / 'notes.tar'}: not a readable tar shard" in stdout
+
+
+def test_check_command_usage_errors_exit_two(tmp_path, capsys):
+    assert check_command([]) == 2
+    assert check_command(["--strictt", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: give at least one") and "Did you mean: strict" in err[1]
 
 
 def test_check_cli_strict_exits_one_when_a_sample_was_skipped(tmp_path):
     shards, good_keys, expected = make_bad_shards(tmp_path)
-    assert check.main(shards, out=io.StringIO()) == 0  # skipped samples alone are not a failure
-    assert check.main(["--strict", *shards], out=io.StringIO()) == 1
+    assert check.check_paths(shards, out=io.StringIO()) == 0  # skipped samples alone are not a failure
+    assert check.check_paths(shards, strict=True, out=io.StringIO()) == 1
     clean = str(tmp_path / "clean" / "ok.tar")
     os.makedirs(os.path.dirname(clean))
     write_shard(clean, [good("k1", 1)])
-    assert check.main(["--strict", clean], out=io.StringIO()) == 0
+    assert check.check_paths([clean], strict=True, out=io.StringIO()) == 0
 
 
 def lying_pax_shard(path, size):
@@ -257,15 +261,15 @@ def lying_pax_shard(path, size):
     return str(path)
 
 
-def test_check_cli_reports_a_lying_pax_size_and_moves_on_to_the_next_shard(tmp_path):
+def test_check_reports_a_lying_pax_size_and_moves_on_to_the_next_shard(tmp_path):
     # The case: a negative pax size made the checker loop forever.
     liar = lying_pax_shard(tmp_path / "a.tar", "-1536")
     write_shard(tmp_path / "b.tar", [good("k1", 1), good("k2", 2)])
-    proc = subprocess.run(
-        [sys.executable, "-m", "nxtp_jax.data.check", str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    lines = proc.stdout.splitlines()
-    assert f"{liar}: valid=1 skipped=1" in lines, proc.stdout + proc.stderr
+    out = io.StringIO()
+    with hang_guard(120):
+        check.check_paths([str(tmp_path)], out=out)
+    lines = out.getvalue().splitlines()
+    assert f"{liar}: valid=1 skipped=1" in lines, lines
     (problem,) = [line for line in lines if "corrupt_tar" in line]
     assert f"{liar}: byte " in problem and "pax size b'-1536'" in problem and "rest of the shard" in problem
     assert f"{tmp_path / 'b.tar'}: valid=2 skipped=0" in lines
