@@ -3,7 +3,9 @@
 torch pickles are opened with `weights_only=True` and, for zip-format files, `mmap=True`,
 so the blocks a truncated model drops are never read from a 13 GB file. OpenAI's CLIP
 archives are TorchScript: they are read as data (`torchscript.read_state_dict`), never
-with `torch.jit.load`, and only where a CLIP archive is expected. No input runs code.
+with `torch.jit.load`, and only where a CLIP archive is expected. Without torch, zip-format
+torch files are read as data too (`pth.read_pth`), so the released checkpoint converts
+with `pip install nxtp_jax` alone. No input runs code.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from nxtp_jax.errors import WeightImportError
+from nxtp_jax.weights.pth import PthTensor, read_pth
 from nxtp_jax.weights.torchscript import read_state_dict
 
 
@@ -33,8 +36,18 @@ def _torch():
     return torch
 
 
+def _torch_installed() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _to_numpy(tensor: Any, key: str, where: str) -> np.ndarray:
-    """A float tensor (torch or numpy) as float32 numpy; integer, complex or non-finite weights are refused, naming the tensor."""
+    """A float tensor (torch, numpy or PthTensor) as float32 numpy; integer, complex or non-finite weights are refused, naming the tensor."""
+    if isinstance(tensor, PthTensor):
+        tensor = tensor.numpy()
     if isinstance(tensor, np.ndarray):
         floating = tensor.dtype.kind == "f" or tensor.dtype == ml_dtypes.bfloat16
     else:
@@ -82,6 +95,8 @@ def load_torch(path: str | os.PathLike, what: str, *, torchscript: bool = False)
                 "Pass the torch.save state dict (.pth / .bin) or a .safetensors file"
             )
         return read_state_dict(str(path))  # numpy arrays: no torch needed
+    if zipfile.is_zipfile(path) and not _torch_installed():
+        return read_pth(path)  # PthTensors, read as data
     torch = _torch()
     try:
         # mmap needs the zip format; legacy pickles are read whole.
