@@ -6,9 +6,7 @@ counts, per-process batch, dtypes) is computed here, never written back.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pathlib
 import re
 import types
 from typing import Any
@@ -20,6 +18,7 @@ from etils import epath
 from ml_collections import config_dict
 
 from nxtp_jax import checkpoint, sharding
+from nxtp_jax.configs import base as base_config
 from nxtp_jax.choices import DTYPES, EMBEDDERS, EVAL_RANKINGS, INITS, LABEL_SOURCES, MODES, SCHEDULES, STRATEGIES, SYNTHETIC
 from nxtp_jax.data import registry
 from nxtp_jax.errors import NxtpError
@@ -35,25 +34,14 @@ CONVERT_HINT = (
 )
 
 
-def load_config_module(anchor_file: str, name: str) -> types.ModuleType:
-    """The config file `name` next to `anchor_file` (config files are loaded by path, not as a package)."""
-    path = pathlib.Path(anchor_file).with_name(name)
-    spec = importlib.util.spec_from_file_location(f"nxtp_config_{path.stem}", path)
-    if spec is None or not path.is_file():
-        raise FileNotFoundError(f"expected the config file {path} next to {anchor_file}, found nothing there")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def dtype(name: str) -> Any:
     if name not in DTYPES:
         raise ValueError(f"expected a dtype in {DTYPES}, found {name!r}")
     return jnp.dtype(name)
 
 
-def model_config(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
-    """The architecture from every field of config.model.vision / .decoder; vocabulary and special ids from the tokenizer."""
+def _nxtp_config(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
+    """CLIP ViT + LLaMA blocks from every field of config.model.vision / .decoder; vocabulary and special ids from the tokenizer."""
     return ModelConfig(
         vision=VisionConfig(**config.model.vision.to_dict()),
         decoder=DecoderConfig(**config.model.decoder.to_dict(), vocab_size=tokenizer.vocab_size),
@@ -61,14 +49,19 @@ def model_config(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> ModelC
     )
 
 
-# The paper's experiment file; only a checkout has it (the package does not ship configs/).
-BASE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.py"
+# config.model.name -> the architecture built from the config: where a second architecture joins.
+ARCHITECTURES = {"nxtp": _nxtp_config}
+
+
+def model_config(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
+    """The architecture config.model.name names, sized by the config and the tokenizer."""
+    return ARCHITECTURES[config.model.name](config, tokenizer)
 
 
 def full_size(layers: int | None = None, image_size: int | None = None) -> ModelConfig:
     """The paper's architecture as configs/base.py writes it (ViT-L/14 + LLaMA-2 7B blocks) with
     LLaMA-2's 32000-piece vocabulary, for random-weight benchmarks; `layers` decoder blocks if given."""
-    config = load_config_module(str(BASE_CONFIG), BASE_CONFIG.name).get_config()
+    config = base_config.get_config()
     if layers is not None:
         config.model.decoder.layers = layers
     if image_size is not None:
@@ -152,6 +145,7 @@ def validate(config: config_dict.ConfigDict, *, process_count: int | None = None
         need(value in allowed, f"{field}: expected one of {allowed}, found {value!r}")
 
     one_of(config.mode, MODES, "mode")
+    one_of(config.model.name, tuple(ARCHITECTURES), "model.name")
     one_of(config.model.init, INITS, "model.init")
     one_of(config.model.dtype, DTYPES, "model.dtype")
     one_of(config.model.param_dtype, DTYPES, "model.param_dtype")

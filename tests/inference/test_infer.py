@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from nxtp_jax.infer import attention_grid
+from nxtp_jax.cli.tag import tag_command
+from nxtp_jax.inference.attention import attention_grid
 from nxtp_jax.inference.tagger import Tagger
 from tiny_models import random_images
 
@@ -25,7 +27,20 @@ def image_paths(tmp_path_factory):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "nxtp_jax.infer", *args], capture_output=True, text=True, timeout=600)
+    """nxtp-tag in this process: (exit status, stdout, stderr)."""
+    capture = _CAPTURE[0]
+    capture.readouterr()
+    code = tag_command(list(map(str, args)))
+    out, err = capture.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+_CAPTURE = [None]
+
+
+@pytest.fixture(autouse=True)
+def _capture(capsys):
+    _CAPTURE[0] = capsys
 
 
 def test_cli_json_matches_tagger(tiny_ckpt, image_paths):
@@ -70,7 +85,15 @@ def test_cli_vocab_and_min_prob_match_tagger(tiny_ckpt, image_paths, tmp_path):
 
 def test_cli_missing_image(tiny_ckpt, tmp_path):
     res = _run(f"--ckpt={tiny_ckpt}", str(tmp_path / "nope.jpg"))
-    assert res.returncode != 0 and "not found" in res.stderr
+    assert res.returncode == 1 and "not found" in res.stderr
+
+
+def test_nxtp_tag_console_script_and_module_print_the_same_json(tiny_ckpt, image_paths):
+    args = [f"--ckpt={tiny_ckpt}", "--num_labels=2", "--json", image_paths[0]]
+    script = subprocess.run(["nxtp-tag", *args], capture_output=True, text=True, timeout=600)
+    module = subprocess.run([sys.executable, "-m", "nxtp_jax.infer", *args], capture_output=True, text=True, timeout=600)
+    assert script.returncode == module.returncode == 0, script.stderr + module.stderr
+    assert json.loads(script.stdout) == json.loads(module.stdout) and json.loads(script.stdout)[0]["labels"]
 
 
 def test_attention_maps_are_probabilities(tiny_ckpt, image_paths):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nxtp_jax.infer import iter_images, output_path, read_done
+from nxtp_jax.inference.bulk import iter_images, output_path, read_done
 from nxtp_jax.inference.tagger import Tagger
 from tiny_models import random_images
 

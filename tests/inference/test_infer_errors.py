@@ -1,8 +1,7 @@
 """Per-image errors and one-line user errors of `python -m nxtp_jax.infer` and the Tagger API."""
 
 import json
-import subprocess
-import sys
+import types
 
 import jax
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from PIL import Image
 
 from nxtp_jax import checkpoint
+from nxtp_jax.cli.tag import tag_command
 from nxtp_jax.errors import CheckpointError
 from nxtp_jax.inference.tagger import Tagger
 from nxtp_jax.tokenizer import Tokenizer
@@ -38,8 +38,20 @@ def images(tmp_path_factory):
     return dict(good=good, bad=str(bad), mixed=[good[0], str(bad), good[1]])
 
 
+_CAPTURE = [None]
+
+
+@pytest.fixture(autouse=True)
+def _capture(capsys):
+    _CAPTURE[0] = capsys
+
+
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "nxtp_jax.infer", *map(str, args)], capture_output=True, text=True, timeout=600)
+    """nxtp-tag in this process: (exit status, stdout, stderr)."""
+    _CAPTURE[0].readouterr()
+    code = tag_command(list(map(str, args)))
+    out, err = _CAPTURE[0].readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def test_predict_returns_an_error_in_place_of_an_unreadable_image(tiny, images):
@@ -113,9 +125,9 @@ def test_cli_tags_the_good_images_and_reports_the_bad_one(tiny, images, tmp_path
 
 
 @pytest.mark.parametrize("flag", ["--num_labels=0", "--batch_size=-1"])
-def test_cli_rejects_out_of_range_flags(tiny, images, flag):
+def test_cli_rejects_out_of_range_flags_as_usage_errors(tiny, images, flag):
     res = _run(f"--ckpt={tiny['ckpt']}", flag, images["good"][0])
-    assert res.returncode == 1 and "Traceback" not in res.stderr and res.stdout == ""
+    assert res.returncode == 2 and "Traceback" not in res.stderr and res.stdout == ""
     assert f"flag {flag}: " in res.stderr
 
 
