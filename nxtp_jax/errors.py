@@ -7,9 +7,8 @@
       ConfigError        (experiment.py) an experiment config that cannot run
     (and, elsewhere: BadImageError and a bad tokenizer file, ValueErrors)
 
-`python -m nxtp_jax.main`, `python -m nxtp_jax.infer` and `convert/*.py` print
-`error: <message>` for these, and for ValueError / OSError, and exit 1; `--verbose`
-adds the traceback.
+Every command (nxtp_jax/cli) prints `error: <message>` for these, and for ValueError /
+OSError, and exits 1; `--verbose` adds the traceback.
 """
 
 from __future__ import annotations
@@ -36,15 +35,6 @@ class WeightImportError(NxtpError, ValueError):
 
 # What the entry points print as one line instead of a traceback.
 USER_ERRORS = (NxtpError, ValueError, OSError)
-
-
-def verbose_flag():
-    """The absl `--verbose` flag of the entry points (defined once, whichever imports first)."""
-    from absl import flags
-
-    if "verbose" not in flags.FLAGS:
-        flags.DEFINE_bool("verbose", False, "On an error, print its traceback, not only its one-line message.")
-    return flags.FLAGS["verbose"]
 
 
 def report(error: BaseException, verbose: bool = False) -> int:

@@ -1,10 +1,13 @@
-"""The package layout: few top-level modules, subsystems as folders, layered imports without cycles."""
+"""The package layout: few top-level modules, subsystems as folders, layered imports without cycles,
+and one command layer (nxtp_jax/cli) that alone parses flags and exits."""
 
 import ast
 import collections
 import pathlib
+import tomllib
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "nxtp_jax"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "nxtp_jax"
 
 # Lower layers never import higher ones; units of one layer never import each other.
 LAYERS = (
@@ -14,9 +17,11 @@ LAYERS = (
     {"checkpoint"},
     {"experiment", "weights", "inference"},
     {"training", "evaluation", "export", "serve"},
-    {"main", "infer"},
+    {"aot"},  # compiles the training step and the sampler for a target topology
+    {"cli"},
+    {"main", "infer"},  # `python -m` shims over the command layer
 )
-SUBSYSTEMS = ("models", "inference", "training", "evaluation", "data", "weights", "export", "serve")
+SUBSYSTEMS = ("models", "inference", "training", "evaluation", "data", "weights", "export", "serve", "cli")
 
 
 def modules() -> dict[str, pathlib.Path]:
@@ -28,11 +33,21 @@ def modules() -> dict[str, pathlib.Path]:
     return found
 
 
+def _without_main_blocks(tree: ast.Module) -> ast.Module:
+    """The module less its `if __name__ == "__main__":` block: a `python -m` shim onto the command layer, not a dependency."""
+    def is_main(node):
+        test = getattr(node, "test", None)
+        return isinstance(node, ast.If) and isinstance(test, ast.Compare) and getattr(test.left, "id", None) == "__name__"
+
+    tree.body = [node for node in tree.body if not is_main(node)]
+    return tree
+
+
 def imports(mods: dict[str, pathlib.Path]) -> dict[str, set[str]]:
     """Every nxtp_jax module each module imports, at module level or inside a function."""
     edges = collections.defaultdict(set)
     for name, path in mods.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_without_main_blocks(ast.parse(path.read_text()))):
             targets = []
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nxtp_jax"):
                 targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module for a in node.names]
@@ -86,3 +101,53 @@ def test_imports_follow_the_layers():
         if unit(a) != unit(b) and layer[unit(b)] >= layer[unit(a)]
     ]
     assert upward == []
+
+
+def test_every_console_script_resolves_into_the_command_layer():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"nxtp-tag", "nxtp-convert", "nxtp-check", "nxtp-export"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert module.startswith("nxtp_jax.cli."), (name, target)
+        command, _, method = attr.partition(".")
+        tree = ast.parse((PACKAGE / "cli" / f"{module.split('.')[-1]}.py").read_text())
+        defined = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+        assert command in defined and method == "entry", (name, target)
+
+
+def _calls(tree: ast.AST, owner: str, attr: str) -> list[int]:
+    return [
+        node.lineno for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.value, ast.Name) and node.value.id == owner
+    ]
+
+
+def test_no_module_below_the_command_layer_reads_absl_flags_or_exits():
+    offenders = []
+    for name, path in modules().items():
+        if unit(name) == "cli":
+            continue
+        tree = ast.parse(path.read_text())
+        flag_reads = [
+            node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "FLAGS"
+            and node.attr not in ("is_parsed", "mark_as_parsed")  # grain's workers need the flags marked parsed
+        ]
+        defines = [
+            node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("DEFINE_")
+        ]
+        for kind, lines in (("reads FLAGS", flag_reads), ("defines a flag", defines), ("calls sys.exit", _calls(tree, "sys", "exit")),
+                            ("calls app.run", _calls(tree, "app", "run"))):
+            offenders += [f"{path.relative_to(ROOT)}:{line} {kind}" for line in lines]
+    assert offenders == []
+
+
+def test_nothing_edits_sys_path():
+    trees = [p for folder in ("nxtp_jax", "scripts", "convert", "benchmarks") for p in (ROOT / folder).rglob("*.py")]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in trees
+        for line in _calls(ast.parse(path.read_text()), "sys", "path")
+    ]
+    assert trees and offenders == []
