@@ -1,12 +1,19 @@
-"""The entry point's logging: absl at INFO without orbax's and grain's per-save and per-read records."""
+"""`python -m nxtp_jax.main` in process: its flags, config overrides, usage errors (exit 2), user errors
+(exit 1), and its logging (absl at INFO without orbax's and grain's per-save and per-read records)."""
 
 import logging
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from nxtp_jax.main import _QuietLibraries
+from nxtp_jax.cli import main as main_cli
+from nxtp_jax.cli.command import _QuietLibraries
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class _Capture(logging.Handler):
@@ -44,3 +51,56 @@ def test_orbax_info_is_filtered_while_its_warnings_and_ours_pass(tmp_path):
     assert from_orbax(filtered.records, logging.INFO) == []
     assert len(from_orbax(filtered.records, logging.WARNING)) >= 1
     assert [r.getMessage() for r in filtered.records if r.levelno == logging.INFO] == ["our own line"]
+
+
+def parse(*argv: str):
+    """The parsed config of `python -m nxtp_jax.main ARGV` (no run)."""
+    command = main_cli.main
+    fv = command.flag_values(list(argv))
+    fv(["main", *argv])
+    return fv.config
+
+
+def test_config_overrides_on_the_command_line_are_typed(monkeypatch):
+    monkeypatch.chdir(REPO)
+    c = parse("--config=configs/demo.py", "--config.optim.lr=3", "--config.total_steps=7", "--config.prompt_augmentation=true")
+    assert [(type(v).__name__, v) for v in (c.optim.lr, c.total_steps, c.prompt_augmentation)] == [
+        ("float", 3.0), ("int", 7), ("bool", True)]
+
+
+def test_bad_config_overrides_are_one_usage_line_naming_the_closest_field(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    cases = {
+        "--config.total_steps=1.5": "error: flag --config.total_steps=1.5: ",
+        "--config.optim.lrr=1": "error: --config.optim.lrr: the config has no field 'optim.lrr'; did you mean --config.optim.lr?",
+        "--config.train.batch_size=0": "error: --config.train.batch_size: the config has no field 'train.batch_size'; "
+                                       "did you mean --config.eval.batch_size?",
+    }
+    for override, line in cases.items():
+        assert main_cli.main(["--config=configs/demo.py:tiny", override, "--workdir=unused"]) == 2, override
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(line), err
+
+
+def test_a_missing_init_checkpoint_fails_in_one_line_before_the_workdir_is_made(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(REPO)
+    assert main_cli.main(["--config=configs/g3m.py", f"--workdir={tmp_path / 'w'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.checkpoint" in err and "nxtp-convert" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_main_usage_errors_exit_two(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main_cli.main([]) == 2
+    assert main_cli.main(["--config=configs/demo.py:tiny", "--workdirr=x"]) == 2
+    assert main_cli.main(["--config=configs/demo.py:tiny", "--workdir=x", "extra"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: no config") and "Did you mean: workdir" in err[1] and "unexpected arguments ['extra']" in err[2]
+
+
+def test_python_m_main_help_lists_its_flags_without_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "nxtp_jax.main", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    for flag in ("--config", "--workdir", "--distributed", "--coordinator_address", "--verbose"):
+        assert flag in out.stdout, flag

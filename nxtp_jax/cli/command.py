@@ -33,10 +33,10 @@ class UsageError(Exception):
 class _QuietLibraries(std_logging.Filter):
     """Drops orbax's and grain's INFO records (several per checkpoint save, restore and data read); their warnings pass."""
 
-    _PACKAGES = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain", "absl"))
+    _PACKAGES = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain"))
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in self._PACKAGES[:2])
+        return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in self._PACKAGES)
 
 
 def setup_logging(level: str, verbose: bool) -> None:

@@ -26,7 +26,7 @@ from etils import epath
 from fake_gcs import fake_gcs
 from nxtp_jax import checkpoint
 from nxtp_jax.experiment import load_config_module
-from nxtp_jax.main import run
+from nxtp_jax.cli.main import run
 from nxtp_jax.training import log as train_log
 
 REPO = pathlib.Path(__file__).parents[2]
