@@ -99,6 +99,10 @@ class Command:
             return _usage(self.prog, e, fv.verbose)
         except errors.USER_ERRORS as e:
             return errors.report(e, fv.verbose)
+        except ImportError as e:  # an optional dependency; etils.epath raises this for gs:// without gcsfs
+            if "gcsfs" in str(e):
+                e = errors.NxtpError(f'gs:// paths need gcsfs ({e}); run: pip install -e ".[gcs]"')
+            return errors.report(e, fv.verbose)
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr, flush=True)
             return 130
