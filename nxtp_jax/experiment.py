@@ -19,7 +19,9 @@ from ml_collections import config_dict
 
 from nxtp_jax import checkpoint, sharding
 from nxtp_jax.configs import base as base_config
-from nxtp_jax.choices import DTYPES, EMBEDDERS, EVAL_RANKINGS, INITS, LABEL_SOURCES, MODES, SCHEDULES, STRATEGIES, SYNTHETIC
+from nxtp_jax.choices import (
+    COMPILE_PROGRAMS, COMPILE_SEARCHES, DTYPES, EMBEDDERS, EVAL_RANKINGS, INITS, LABEL_SOURCES, MODES, SCHEDULES, STRATEGIES, SYNTHETIC
+)
 from nxtp_jax.data import registry
 from nxtp_jax.errors import NxtpError
 from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
@@ -66,8 +68,15 @@ def full_size(layers: int | None = None, image_size: int | None = None) -> Model
         config.model.decoder.layers = layers
     if image_size is not None:
         config.model.vision.image_size = image_size
-    vocab = types.SimpleNamespace(vocab_size=LLAMA2_PIECES + len(SPECIAL_TOKENS), image_id=LLAMA2_PIECES, empty_id=LLAMA2_PIECES + 1)
-    return model_config(config, vocab)
+    return model_config(config, sized_vocabulary(config))
+
+
+def sized_vocabulary(config: config_dict.ConfigDict) -> types.SimpleNamespace:
+    """What model_config and the train step need of a tokenizer, from the config alone (no file):
+    LLaMA-2's pieces for a checkpoint init, tokenizer.vocab_size from scratch, then the special tokens.
+    The delimiter is some ordinary piece; shapes and cost do not depend on which."""
+    base = LLAMA2_PIECES if config.model.init == "checkpoint" else config.tokenizer.vocab_size
+    return types.SimpleNamespace(vocab_size=base + len(SPECIAL_TOKENS), image_id=base, empty_id=base + 1, delimiter_id=base - 1)
 
 
 def num_image_tokens(config: config_dict.ConfigDict) -> int:
@@ -104,10 +113,11 @@ def mesh_shape(config: config_dict.ConfigDict) -> dict[str, int]:
     return {axis: int(config.mesh[axis]) for axis in MESH_AXES}
 
 
-def make_mesh(config: config_dict.ConfigDict):
-    """config.mesh over all devices, or over the first ones when every size is given and they are fewer."""
+def make_mesh(config: config_dict.ConfigDict, devices=None):
+    """config.mesh over `devices` (default all of jax.devices(); a TPU topology's for the compile
+    check), or over the first ones when every size is given and they are fewer."""
     shape = mesh_shape(config)
-    devices = jax.devices()
+    devices = jax.devices() if devices is None else list(devices)
     if -1 not in shape.values():
         devices = devices[: int(np.prod(list(shape.values())))]
     return sharding.make_mesh(shape, devices=devices)
@@ -155,6 +165,13 @@ def validate(config: config_dict.ConfigDict, *, process_count: int | None = None
     one_of(config.eval.strategy, STRATEGIES, "eval.strategy")
     one_of(config.eval.ranking, EVAL_RANKINGS, "eval.ranking")
     one_of(config.eval.embedder, EMBEDDERS, "eval.embedder")
+    one_of(config.compile.search, COMPILE_SEARCHES, "compile.search")
+    programs = config.compile.programs.split(",")
+    need(
+        bool(programs) and all(p in COMPILE_PROGRAMS for p in programs),
+        f"compile.programs: expected a comma-separated subset of {COMPILE_PROGRAMS}, found {config.compile.programs!r}",
+    )
+    need(config.compile.num_slices >= 1, f"compile.num_slices: expected >= 1, found {config.compile.num_slices}")
     _check_model(config, need)
     _check_data(config, need)
     _check_training(config, need, process_count, device_count)
@@ -199,7 +216,7 @@ def _check_model(config, need) -> None:
         f"max_seq_len {config.max_seq_len} leaves {text_length(config)} text tokens after "
         f"{num_image_tokens(config)} image tokens; expected at least 16 (prompt + labels)",
     )
-    if config.model.init == "checkpoint":
+    if config.model.init == "checkpoint" and config.mode != "compile":  # compiling needs only the sizes
         ckpt = config.model.checkpoint
         if not ckpt:
             need(False, f"model.checkpoint: model.init is 'checkpoint' but no directory is given; {CONVERT_HINT}")
@@ -219,7 +236,7 @@ def _check_data(config, need) -> None:
     for name in names:
         if name.lower() not in registry:
             need(False, f"data: dataset {name!r} is not in data.registry ({sorted(registry)})")
-        elif not config.data.synthesize:
+        elif not config.data.synthesize and config.mode != "compile":
             root = epath.Path(config.data.root) / registry[name.lower()]["root"]
             need(
                 root.is_dir(),

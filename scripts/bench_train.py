@@ -126,7 +126,7 @@ def report_memory(config, mesh, rules) -> None:
 
     from nxtp_jax.training import step as train_state
 
-    _, (state, frozen) = build(config, mesh, rules, abstract_only=True)
+    _, (state, frozen, _) = build(config, mesh, rules, abstract_only=True)
 
     def total(tree):
         return sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

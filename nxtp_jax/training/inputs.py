@@ -65,6 +65,22 @@ def text_arrays(
     return out
 
 
+def batch_spec(batch_size: int, *, image_size: int, text_len: int, captions: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every array of a train-step batch: `model_inputs` builds its arrays to it, and
+    the compile check (nxtp_jax/aot) compiles against it, so the two cannot drift apart."""
+    rows, text = (batch_size,), (batch_size, text_len)
+    shapes = {
+        "image": ((batch_size, image_size, image_size, 3), np.uint8),
+        "skipped": (rows, np.int32),
+        "tokens": (text, np.int32),
+        "targets": (text, np.int32),
+        "answer_pos": (rows, np.int32),
+    }
+    if captions:
+        shapes.update(cap_tokens=(text, np.int32), cap_targets=(text, np.int32))
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+
 def model_inputs(
     tokenizer: Tokenizer,
     batch: Mapping[str, Any],
@@ -75,9 +91,15 @@ def model_inputs(
     text_len: int,
     captions: bool,
 ) -> dict[str, np.ndarray]:
-    """The arrays the train step takes, from one process-local pipeline batch."""
-    out = {"image": np.asarray(batch["image"], np.uint8), "skipped": np.asarray(batch["skipped"], np.int32)}
-    out.update(text_arrays(tokenizer, batch, step=step, seed=seed, augment=augment, text_len=text_len, captions=captions))
+    """The arrays the train step takes, from one process-local pipeline batch, as `batch_spec` says."""
+    arrays = {"image": batch["image"], "skipped": batch["skipped"]}
+    arrays.update(text_arrays(tokenizer, batch, step=step, seed=seed, augment=augment, text_len=text_len, captions=captions))
+    image = np.shape(batch["image"])
+    spec = batch_spec(image[0], image_size=image[1], text_len=text_len, captions=captions)
+    out = {k: np.asarray(arrays[k], s.dtype) for k, s in spec.items()}
+    wrong = {k: v.shape for k, v in out.items() if v.shape != spec[k].shape}
+    if wrong:
+        raise ValueError(f"expected batch arrays of shapes {({k: spec[k].shape for k in wrong})}, found {wrong}")
     return out
 
 

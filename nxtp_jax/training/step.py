@@ -96,8 +96,11 @@ def opt_state_shardings(tx: optax.GradientTransformation, trainable: Any, mesh: 
     )
 
 
-def abstract_state(abstract_params: Any, trainable_patterns: tuple[str, ...], make_tx, mesh: Mesh) -> tuple[TrainState, Any]:
-    """(state, frozen) as ShapeDtypeStructs with their shardings, from sharded abstract params; allocates nothing."""
+def abstract_state(
+    abstract_params: Any, trainable_patterns: tuple[str, ...], make_tx, mesh: Mesh
+) -> tuple[TrainState, Any, optax.GradientTransformation]:
+    """`create` without allocating: (state, frozen) as ShapeDtypeStructs with their shardings, from sharded
+    abstract params, and the optimizer."""
     trainable, frozen = ptree.split(abstract_params, trainable_patterns)
     tx = make_tx(trainable)
     opt = jax.tree.map(
@@ -106,7 +109,7 @@ def abstract_state(abstract_params: Any, trainable_patterns: tuple[str, ...], ma
         opt_state_shardings(tx, trainable, mesh),
     )
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    return TrainState(step=step, params=trainable, opt_state=opt), frozen
+    return TrainState(step=step, params=trainable, opt_state=opt), frozen, tx
 
 
 def per_device_bytes(tree: Any) -> int:
