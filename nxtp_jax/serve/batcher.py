@@ -13,8 +13,10 @@ compiled shape, so the service compiles a small grid of them at start-up and nev
 - each vocabulary loaded at start-up (its trie's padded sizes are part of the shape).
 
 Requests wait until `max_batch` of them are there or the oldest has waited `max_wait_ms`;
-then they run as one device call per (compiled k, vocabulary). At most `max_queue` images wait (queued
-or being collected into a batch, not yet on the device); `submit` refuses more.
+then they run as one device call per (compiled k, vocabulary). Attention requests wait in the
+same queue and run one image per device call. At most `max_queue` images wait (queued or
+being collected into a batch, not yet on the device); `submit` refuses more. Waiting images
+are uint8 [R, R, 3] at model resolution (3 R² bytes each), normalised on the device thread.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+
+from nxtp_jax.data import preprocess
 
 DEFAULT_NUM_LABELS = 10
 
@@ -69,19 +73,18 @@ class Runner:
 
     def warm_up(self) -> None:
         """Compiles every (batch size, k, vocabulary) sampler and the attention pass."""
-        x = self.tagger.preprocess([self._blank])[0]
         for vocab in [None, *self.vocabs]:
             for k in self.label_sizes:
                 for b in self.batch_sizes:
-                    self.tag([(x, k, 0.0)] * b, vocab)
+                    self.tag([(self._blank, k, 0.0)] * b, vocab)
         self.attention(self._blank)
 
     def tag(self, queries: Sequence[tuple[np.ndarray, int, float]], vocab: str | None) -> list[Labels]:
-        """(normalised image [R, R, 3], k, min_prob) per request, one compiled k' covering every k -> ranked labels."""
+        """(uint8 image [R, R, 3], k, min_prob) per request, one compiled k' covering every k -> ranked labels."""
         xs = [x for x, _, _ in queries]
         padded = smallest_at_least(self.batch_sizes, len(xs))
         k_run = smallest_at_least(self.label_sizes, max(k for _, k, _ in queries))
-        x = np.stack(xs + [xs[0]] * (padded - len(xs)))
+        x = preprocess.normalize(np.stack(xs + [xs[0]] * (padded - len(xs))))  # as Tagger.preprocess
         sampled = self.tagger.sample(jnp.asarray(x), k_run, vocab=None if vocab is None else self.vocabs[vocab])
         tokens, probs = np.asarray(sampled["tokens"]), np.asarray(sampled["probs"])  # host copies: no device slicing
         out = []
@@ -90,18 +93,22 @@ class Runner:
             out += self.tagger.rank(row, k, min_prob=min_prob)
         return out
 
-    def attention(self, image: Any) -> np.ndarray:
-        """Attention each image token receives, averaged over the image-token queries: [layers, heads, g, g]."""
+    def attention(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [R, R, 3] -> attention each image token receives, averaged over the image-token
+        queries: [layers, heads, g, g]. (At model resolution, Tagger's resize and crop keep it as is.)"""
         maps = self.tagger.attention_maps(image)  # [L, H, N, N], row = query
         received = maps.mean(axis=2)
         g = int(round(np.sqrt(received.shape[-1])))
         return received.reshape(received.shape[:2] + (g, g))
 
 
+ATTENTION = "attention"  # a Job's k for an attention request
+
+
 @dataclasses.dataclass
 class Job:
-    x: np.ndarray
-    k: int
+    x: np.ndarray  # uint8 [R, R, 3]
+    k: int | str  # labels wanted, or ATTENTION
     min_prob: float
     vocab: str | None
     future: asyncio.Future
@@ -114,6 +121,7 @@ class Batcher:
     def __init__(
         self,
         run: Callable[[Sequence[tuple[np.ndarray, int, float]], str | None], list[Labels]],
+        attention: Callable[[np.ndarray], np.ndarray],
         label_sizes: Sequence[int],
         *,
         max_batch: int,
@@ -121,7 +129,7 @@ class Batcher:
         max_queue: int,
         on_batch: Callable[[int], None] = lambda n: None,
     ):
-        self.run = run
+        self.run, self.attention = run, attention
         self.label_sizes = tuple(label_sizes)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -131,16 +139,35 @@ class Batcher:
         self.on_batch = on_batch
         self.device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device")
         self._arrived = asyncio.Event()
+        self.closed: BaseException | None = None  # set by close(): what every later job fails with
 
-    def submit(self, x: np.ndarray, k: int, min_prob: float = 0.0, vocab: str | None = None) -> asyncio.Future:
-        """Queues one image; raises asyncio.QueueFull when `max_queue` images are waiting."""
-        if self.waiting >= self.max_queue:
+    def submit(self, queries: Sequence[tuple[np.ndarray, int | str, float, str | None]]) -> list[asyncio.Future]:
+        """Queues (image, k or ATTENTION, min_prob, vocab) per image, all or none; raises
+        asyncio.QueueFull when they would take more than `max_queue` images waiting."""
+        if self.closed is not None:
+            raise self.closed
+        if self.waiting + len(queries) > self.max_queue:
             raise asyncio.QueueFull
-        job = Job(x, k, min_prob, vocab, asyncio.get_running_loop().create_future(), time.monotonic())
-        self.queue.put_nowait(job)
-        self.waiting += 1
+        loop = asyncio.get_running_loop()
+        jobs = [Job(x, k, p, v, loop.create_future(), time.monotonic()) for x, k, p, v in queries]
+        for job in jobs:
+            self.queue.put_nowait(job)
+        self.waiting += len(jobs)
         self._arrived.set()
-        return job.future
+        return [job.future for job in jobs]
+
+    def close(self, error: BaseException) -> None:
+        """Fails every waiting job (and every later one) with `error`; the batch on the device finishes."""
+        self.closed = error
+        while not self.queue.empty():
+            self._fail([self.queue.get_nowait()], error)
+            self.waiting -= 1
+
+    @staticmethod
+    def _fail(jobs: Sequence[Job], error: BaseException) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
 
     async def on_device(self, fn: Callable, *args: Any) -> Any:
         """Runs fn on the device thread, in turn with the batches."""
@@ -166,20 +193,25 @@ class Batcher:
         while True:
             batch = await self._collect()
             self.waiting -= len(batch)
-            groups: dict[tuple[int, str | None], list[Job]] = {}
+            if self.closed is not None:
+                self._fail(batch, self.closed)
+                continue
+            groups: dict[tuple[int | str, str | None], list[Job]] = {}
             for job in batch:
                 if job.future.done():  # its request timed out while it waited
                     continue
-                groups.setdefault((smallest_at_least(self.label_sizes, job.k), job.vocab), []).append(job)
-            for (_, vocab), jobs in groups.items():
-                self.on_batch(len(jobs))
+                k = job.k if job.k == ATTENTION else smallest_at_least(self.label_sizes, job.k)
+                groups.setdefault((k, job.vocab), []).append(job)
+            for (k, vocab), jobs in groups.items():
                 try:
-                    results = await self.on_device(self.run, [(j.x, j.k, j.min_prob) for j in jobs], vocab)
+                    if k == ATTENTION:
+                        results = [await self.on_device(self.attention, job.x) for job in jobs]
+                    else:
+                        self.on_batch(len(jobs))
+                        results = await self.on_device(self.run, [(j.x, j.k, j.min_prob) for j in jobs], vocab)
                 except Exception as e:  # a failed batch fails its requests, not the server
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(e)
+                    self._fail(jobs, e)
                     continue
-                for job, labels in zip(jobs, results):
+                for job, result in zip(jobs, results):
                     if not job.future.done():
-                        job.future.set_result(labels)
+                        job.future.set_result(result)

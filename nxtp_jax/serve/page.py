@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.resources
+from typing import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -19,7 +19,9 @@ def _read(name: str) -> bytes:
     return importlib.resources.files("nxtp_jax.serve").joinpath("static", name).read_bytes()
 
 
-def routes() -> list[Route]:
+def endpoints() -> list[tuple[str, Callable, str]]:
+    """(path, handler, media type) per file of the page."""
+
     def serve(name: str, media_type: str):
         body = _read(name)  # read once at start-up
 
@@ -28,4 +30,4 @@ def routes() -> list[Route]:
 
         return endpoint
 
-    return [Route(path, serve(name, media), methods=["GET"]) for path, (name, media) in FILES.items()]
+    return [(path, serve(name, media), media) for path, (name, media) in FILES.items()]
