@@ -1,0 +1,103 @@
+"""Figures of one compiled program: memory per chip, FLOPs, the step-time estimates, collectives.
+
+Memory and FLOPs are the compiler's (`memory_analysis()`, `cost_analysis()`). Times are estimates:
+`optimal_seconds` is the compiler's cost model, corrected below; the roofline bound is
+max(FLOPs / peak, bytes accessed / HBM bandwidth) at the chip's published figures.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from nxtp_jax.aot.topologies import Chip
+
+# libtpu 0.0.42's cost model counts each ConcatBitcast custom call as -1 s.
+CONCAT_BITCAST = re.compile(r'custom_call_target="ConcatBitcast"')
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# "... required for HLO temporaries (32.00G) exceeds available HBM (15.75G)" or "Used 27.1G of 15.75G hbm".
+_OOM = (
+    re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
+    re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
+)
+
+
+def memory(compiled) -> dict[str, int]:
+    """memory_analysis() per chip; peak = arguments + outputs + temporaries + code - aliased (donated) bytes."""
+    m = compiled.memory_analysis()
+    out = {
+        "argument_bytes": m.argument_size_in_bytes,
+        "output_bytes": m.output_size_in_bytes,
+        "temp_bytes": m.temp_size_in_bytes,
+        "code_bytes": m.generated_code_size_in_bytes,
+        "alias_bytes": m.alias_size_in_bytes,
+    }
+    out["peak_bytes_per_chip"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] + out["code_bytes"] - out["alias_bytes"]
+    return out
+
+
+def concat_bitcasts(hlo_text: str) -> int:
+    return len(CONCAT_BITCAST.findall(hlo_text))
+
+
+def corrected_optimal_seconds(raw: float, hlo_text: str) -> float:
+    """The compiler's optimal_seconds with the -1 s of each ConcatBitcast custom call taken back."""
+    return raw + concat_bitcasts(hlo_text)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """kind -> {"count", "bytes"}: each collective of the optimized module and the bytes of the largest
+    array it produces (a loop body's collectives are counted once, as the module lists them)."""
+    out: dict[str, dict[str, int]] = {}
+    for result, kind in _COLLECTIVE.findall(hlo_text):
+        sizes = [_BYTES[t] * _elements(dims) for t, dims in _ARRAY.findall(result)]
+        entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += max(sizes, default=0)
+    return out
+
+
+def _elements(dims: str) -> int:
+    n = 1
+    for d in filter(None, dims.split(",")):
+        n *= int(d)
+    return n
+
+
+def cost(compiled, chip: Chip, global_batch: int) -> dict[str, Any]:
+    """FLOPs and bytes per chip (the compiler's count), and the estimates derived from them."""
+    c = compiled.cost_analysis()
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    text = compiled.as_text()
+    flops, accessed = float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
+    raw = float(c.get("optimal_seconds", 0.0))
+    compiler_s = corrected_optimal_seconds(raw, text)
+    roofline_s = max(flops / chip.peak_flops, accessed / chip.hbm_bandwidth)
+    step_s = max(compiler_s, roofline_s)  # both are lower bounds on the step time: the larger is the tighter
+    return {
+        "flops": flops,
+        "bytes_accessed": accessed,
+        "optimal_seconds_raw": raw,
+        "concat_bitcasts": concat_bitcasts(text),
+        "compiler_estimate_s": compiler_s,
+        "roofline_estimate_s": roofline_s,
+        "estimated_step_s": step_s,
+        "samples_per_s_bound": global_batch / step_s if step_s > 0 else None,
+        "mfu_bound": flops / (step_s * chip.peak_flops) if step_s > 0 else None,
+        "collectives": collectives(text),
+    }
+
+
+def out_of_memory(message: str) -> tuple[int, int] | None:
+    """(required, available) bytes from the compiler's RESOURCE_EXHAUSTED message, or None for another error."""
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    for pattern in _OOM:
+        if m := pattern.search(message):
+            need, need_unit, have, have_unit = m.groups()
+            return int(float(need) * _UNITS[need_unit]), int(float(have) * _UNITS[have_unit])
+    return None
