@@ -36,9 +36,10 @@ def check_decoding(strategy: str, ranking_method: str) -> None:
         raise ValueError(f"beam search records no probabilities: rank by 'sim' or 'none', not {ranking_method!r}")
 
 
-def default_dtype() -> Any:
-    """bf16 compute on accelerators, fp32 on CPU."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+def default_dtype(backend: str | None = None) -> Any:
+    """bf16 on accelerators, fp32 on CPU: `Tagger.load`'s compute and parameter dtype on `backend`
+    (default: this host's; the compile check asks for "tpu")."""
+    return jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
 
 
 def check_num_labels(num_labels: Any) -> None:
@@ -69,9 +70,12 @@ class Tagger:
 
     @classmethod
     def load(
-        cls, ckpt_dir: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, mesh=None, quantize: str = "none", **kw
+        cls, ckpt_dir: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None, mesh=None, quantize: str = "none", **kw
     ) -> "Tagger":
         """Loads a checkpoint directory written by `convert/from_torch.py`, or a training workdir (latest step).
+
+        `dtype` (compute) and `param_dtype` default to bfloat16 on a TPU or GPU (float32 weights would take
+        twice the memory and bandwidth) and float32 on a CPU.
 
         `quantize` "int8" (per output channel) or "int4" (in groups) stores the decoder's and the
         output layer's weights in that many bits, dequantized at use (`models.quantize`); "none" keeps
@@ -87,7 +91,7 @@ class Tagger:
                 f"{ckpt_dir}: config.json says <|image|>={config.special_tokens.image}, <|empty|>="
                 f"{config.special_tokens.empty}, but its tokenizer.model gives {tok.image_id}, {tok.empty_id}"
             )
-        model = Recognizer(config, dtype=dtype or default_dtype(), param_dtype=param_dtype)
+        model = Recognizer(config, dtype=dtype or default_dtype(), param_dtype=param_dtype or default_dtype())
         if checkpoint.is_training_workdir(ckpt_dir):
             params = checkpoint.load_training_params(ckpt_dir, model, mesh)
         else:
