@@ -107,8 +107,12 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
     return run(config, workdir)
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str) -> int | None:
     """Validates `config`, then trains and/or evaluates into `workdir`, as config.mode says."""
+    if config.mode == "compile":  # no accelerator: libtpu compiles for the named topology on this host
+        from nxtp_jax.aot import check
+
+        return check.run(config, workdir)
     import jax
 
     from nxtp_jax import experiment
