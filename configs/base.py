@@ -7,8 +7,6 @@ Pure data: nothing here reads files or computes from other fields.
 
 from ml_collections import config_dict
 
-from nxtp_jax import sharding
-
 # Name -> {"root": directory under data.root, "length": samples}; lengths as in the original.
 REGISTRY = {
     "cc3m_valid": {"root": "cc3m/cc3m_valid", "length": 12478},
@@ -32,6 +30,32 @@ PAPER_TRAINABLE = (
     r"language_decoder/tok_embeddings/.*",
 )
 
+# Logical axis -> mesh axis (or None: replicated); `nxtp_jax.sharding` applies them, and a
+# logical axis with no rule is an error there. FSDP over the model width, tensor parallelism
+# over heads / MLP / vocabulary.
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vit_embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("vit_qkv", "tensor"),
+    ("vit_heads", "tensor"),
+    ("vit_mlp", "tensor"),
+    ("vit_pos", None),
+    ("norm", None),
+    ("patch_h", None),
+    ("patch_w", None),
+    ("channels", None),
+    # Activations at block boundaries ([batch, length, embed], [.., heads, head_dim], [.., mlp]) reuse
+    # the names above. Rules apply in order: `batch` takes fsdp first, so activations are
+    # split over the batch there and replicated over their width.
+    ("length", None),
+    ("head_dim", None),
+)
+
 
 def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
@@ -40,6 +64,7 @@ def get_config() -> config_dict.ConfigDict:
     c.seed = 42  # init, data order, prompt templates and label shuffles all derive from it
 
     c.model = config_dict.ConfigDict()
+    c.model.name = "nxtp"  # the architecture (experiment.model_config dispatches on it): CLIP ViT + LLaMA blocks
     c.model.init = "checkpoint"  # "checkpoint" (from convert/from_torch.py) or "scratch" (random)
     c.model.checkpoint = ""  # directory written by convert/from_torch.py, when init == "checkpoint"
     c.model.vision = config_dict.ConfigDict()
@@ -116,7 +141,7 @@ def get_config() -> config_dict.ConfigDict:
     c.mesh.data = -1  # data-parallel replicas (-1 = all remaining devices)
     c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style); the batch is split over it too
     c.mesh.tensor = 1  # tensor parallelism over heads / MLP / vocabulary
-    c.logical_axis_rules = sharding.DEFAULT_RULES  # logical axis -> mesh axis; a missing rule is an error
+    c.logical_axis_rules = LOGICAL_AXIS_RULES  # logical axis -> mesh axis; a missing rule is an error
 
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.save_interval_steps = 2000  # also saved at the first step, at the end and on SIGTERM

@@ -10,14 +10,14 @@ Writes the shapes shards to ./data/shapes if absent, trains a tokenizer and the 
 
 from ml_collections import config_dict
 
-from nxtp_jax.experiment import load_config_module
+from nxtp_jax.configs import base
 
 NUM_TRAIN = 20000
 NUM_VAL = 1000
 
 
 def get_config(variant: str = "") -> config_dict.ConfigDict:
-    c = load_config_module(__file__, "base.py").get_config()
+    c = base.get_config()
     c.workdir = "./workdir/demo"
     c.seed = 0
 

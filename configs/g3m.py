@@ -9,11 +9,11 @@ blocks of LLaMA-2 7B).
 
 from ml_collections import config_dict
 
-from nxtp_jax.experiment import load_config_module
+from nxtp_jax.configs import base
 
 
 def get_config() -> config_dict.ConfigDict:
-    config = load_config_module(__file__, "base.py").get_config()
+    config = base.get_config()
     config.data.train = ("cc3m", "sbu", "coco")
     config.eval.dataset = "coco_valid"
     return config

@@ -163,7 +163,7 @@ def abstract_params(model, mesh=None, rules=None) -> Any:
     """
     mesh = mesh if mesh is not None else sharding.one_device_mesh()
     boxed = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
-    shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)["params"]
+    shardings = sharding.param_shardings(boxed, mesh, rules or sharding.LOGICAL_AXIS_RULES)["params"]
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed)["params"], shardings
     )

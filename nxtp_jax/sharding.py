@@ -15,31 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from nxtp_jax.configs.base import LOGICAL_AXIS_RULES  # their one home: the experiment config
 
-# FSDP over the model width, tensor parallelism over heads / MLP / vocabulary.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vit_embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("vit_qkv", "tensor"),
-    ("vit_heads", "tensor"),
-    ("vit_mlp", "tensor"),
-    ("vit_pos", None),
-    ("norm", None),
-    ("patch_h", None),
-    ("patch_w", None),
-    ("channels", None),
-    # Activations at block boundaries ([batch, length, embed], [.., heads, head_dim], [.., mlp]) reuse
-    # the names above. Rules apply in order: `batch` takes fsdp first, so activations are
-    # split over the batch there and replicated over their width.
-    ("length", None),
-    ("head_dim", None),
-)
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
@@ -80,7 +58,7 @@ def one_device_mesh() -> Mesh:
     return local_mesh(devices=jax.local_devices()[:1])
 
 
-def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> NamedSharding:
     """Leading (batch) dimension over the mesh axes of the logical "batch" axis, in training and evaluation alike."""
     return nn.logical_to_mesh_sharding(PartitionSpec("batch"), mesh, tuple(rules))
 
@@ -95,14 +73,14 @@ def check_rules(logical_specs: Any, rules: Sequence[tuple[str, Any]]) -> None:
         raise ValueError(f"no sharding rule for logical axes {sorted(missing)}; add them to the config's logical_axis_rules")
 
 
-def param_shardings(abstract_variables: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+def param_shardings(abstract_variables: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for the (unboxed) variables that `abstract_variables` (boxed, from eval_shape) describes."""
     specs = nn.get_partition_spec(abstract_variables)
     check_rules(specs, rules)
     return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
 
 
-def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     """Runs `init_fn(rng)` (a Flax `init` returning boxed variables) straight into its shardings.
 
     `eval_shape` first, then one jit with out_shardings: the full model never sits

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nxtp_jax.experiment import load_config_module
+from nxtp_jax.configs import demo
 from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
 from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.tokenizer import Tokenizer
@@ -46,12 +45,9 @@ def random_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, size=(size + 7 * i, size + 3 * i, 3), dtype=np.uint8) for i in range(n)]
 
 
-DEMO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
-
-
 def demo_config(data_root, **fields):
     """configs/demo.py's "tiny" variant with data under `data_root`, and `fields` set by dotted name."""
-    config = load_config_module(str(DEMO_CONFIG), DEMO_CONFIG.name).get_config("tiny")
+    config = demo.get_config("tiny")
     config.data.root = str(data_root)
     for key, value in fields.items():
         *parents, last = key.split(".")

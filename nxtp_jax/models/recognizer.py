@@ -79,4 +79,4 @@ def init_params(model: Recognizer, rng: jax.Array, mesh=None, rules=None) -> dic
     """Randomly initialised params, created directly in their shardings (see `sharding.init_sharded`)."""
     mesh = mesh if mesh is not None else sharding.one_device_mesh()
     init_fn = functools.partial(init_variables, model)
-    return sharding.init_sharded(init_fn, rng, mesh, rules or sharding.DEFAULT_RULES)["params"]
+    return sharding.init_sharded(init_fn, rng, mesh, rules or sharding.LOGICAL_AXIS_RULES)["params"]

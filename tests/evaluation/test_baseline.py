@@ -1,15 +1,13 @@
 """The frequency baseline: the k most common training labels for every image, on the eval's targets."""
 
 import json
-import pathlib
 
 import pytest
 
 from nxtp_jax.evaluation.baseline import frequency_baseline, most_common, training_labels
 from nxtp_jax.data.writer import write_shard
-from nxtp_jax.experiment import load_config_module
+from nxtp_jax.configs import demo
 
-REPO = pathlib.Path(__file__).parents[2]
 TRAIN_LABELS = [["red", "circle"], ["red", "square"], ["blue", "circle"], ["red", "circle", "star"], ["green"]]
 
 
@@ -30,7 +28,7 @@ def test_frequency_baseline_scores_the_eval_targets_with_the_eval_metric(tmp_pat
     shard(tmp_path / "data" / "train" / "b.tar", TRAIN_LABELS[3:])
     assert list(training_labels([str(tmp_path / "data" / "train" / "a.tar")], 2)) == TRAIN_LABELS[:2]
 
-    config = load_config_module(REPO / "configs" / "demo.py", "demo.py").get_config()
+    config = demo.get_config()
     config.data.root = str(tmp_path / "data")
     config.data.registry.shapes_train.root = "train"
     workdir = tmp_path / "run"

@@ -16,7 +16,7 @@ from nxtp_jax import checkpoint, sharding
 from nxtp_jax.evaluation import job as evaluate, metrics
 from nxtp_jax.data import preprocess
 from nxtp_jax.data.writer import write_shard
-from nxtp_jax.experiment import load_config_module
+from nxtp_jax.configs import base
 from nxtp_jax.inference.tagger import Tagger
 from nxtp_jax.tokenizer import Tokenizer
 from tiny_models import random_images, tiny_recognizer
@@ -52,7 +52,7 @@ def setup(sp_model_path, tmp_path_factory):
 
 
 def make_config(setup, **eval_fields):
-    c = load_config_module(str(REPO / "configs" / "base.py"), "base.py").get_config()
+    c = base.get_config()
     c.model.dtype = "float32"
     c.data.root = str(setup["root"] / "data")
     c.data.registry = {"tiny_val": {"root": "val", "length": NUM_SAMPLES}}
@@ -138,10 +138,10 @@ def test_merge_refuses_an_image_seen_twice():
 
 
 CLI_CONFIG = """
-from nxtp_jax.experiment import load_config_module
+from nxtp_jax.configs import base
 
 def get_config():
-    c = load_config_module({base!r}, "base.py").get_config()
+    c = base.get_config()
     c.mode = "eval"
     c.model.init = "scratch"
     c.model.dtype = "float32"
@@ -169,7 +169,7 @@ def test_two_processes_give_the_same_results_as_one(setup, tmp_path):
 
     config_file = tmp_path / "tiny_eval.py"
     config_file.write_text(
-        CLI_CONFIG.format(base=str(REPO / "configs" / "base.py"), root=str(setup["root"] / "data"), n=NUM_SAMPLES,
+        CLI_CONFIG.format(root=str(setup["root"] / "data"), n=NUM_SAMPLES,
                           ckpt=str(setup["ckpt"]), k=K)
     )
     two = tmp_path / "two"

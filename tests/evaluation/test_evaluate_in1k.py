@@ -9,14 +9,13 @@ import pytest
 from PIL import Image
 
 from nxtp_jax import checkpoint
+from nxtp_jax.cli.imagenet import imagenet_command
 from nxtp_jax.data import eval_inputs, imagenet
 from nxtp_jax.evaluation import job as evaluate
 from nxtp_jax.data import tfds_source
-from nxtp_jax.experiment import load_config_module
+from nxtp_jax.configs import base
 from nxtp_jax.tokenizer import Tokenizer
 from tiny_models import tiny_recognizer
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_class_file_is_the_originals():
@@ -76,7 +75,7 @@ def test_captions_file_for_an_imagenet_val_folder(tmp_path):
     for folder, name in (("n00000000", "b.JPEG"), ("n00000000", "a.JPEG"), ("n00000999", "c.JPEG"), ("n00000999", "notes.txt")):
         (val / folder / name).write_bytes(b"")
     out = tmp_path / "in1k_val.jsonl"
-    assert imagenet.main(["--val-dir", str(val), "--out", str(out)]) == 0
+    assert imagenet_command([f"--val_dir={val}", f"--out={out}"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [
         {"path": "n00000000/a.JPEG", "caption": "a photo of a tench.", "labels": ["tench", "tinca tinca"]},
@@ -103,7 +102,7 @@ def test_eval_job_on_a_tfds_split(sp_model_path, tmp_path, monkeypatch):
         return source
 
     monkeypatch.setattr(tfds_source, "tfds_data_source", fake_source)
-    c = load_config_module(str(REPO / "configs" / "base.py"), "base.py").get_config()
+    c = base.get_config()
     c.model.dtype = "float32"
     c.data.root = str(tmp_path / "data")
     c.data.registry = {

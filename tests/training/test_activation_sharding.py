@@ -91,7 +91,7 @@ def test_activation_constraints_are_absent_without_a_mesh_and_present_with_one()
         return jax.jit(lambda p: model.apply({"params": p}, images, tokens, m)).lower(params).as_text()
 
     assert "sharding_constraint" not in hlo(Recognizer(CONFIG))
-    constrained = hlo(Recognizer(CONFIG, activations=Activations(mesh, sharding.DEFAULT_RULES)))
+    constrained = hlo(Recognizer(CONFIG, activations=Activations(mesh, sharding.LOGICAL_AXIS_RULES)))
     # Per block: the residual twice and q, k, v, the attention output, the MLP hidden once each (encoder and decoder).
     blocks = CONFIG.vision.layers + CONFIG.decoder.layers
     assert constrained.count("sdy.sharding_constraint") >= 7 * blocks
@@ -101,7 +101,7 @@ def test_an_activation_axis_without_a_rule_is_an_error():
     images, tokens, m = forward_inputs()
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     params = init_params(Recognizer(CONFIG), jax.random.key(0), mesh)
-    rules = tuple(r for r in sharding.DEFAULT_RULES if r[0] != "length")
+    rules = tuple(r for r in sharding.LOGICAL_AXIS_RULES if r[0] != "length")
     model = Recognizer(CONFIG, activations=Activations(mesh, rules))
     with pytest.raises(ValueError, match=r"no sharding rule for logical axes \['length'\]"):
         jax.jit(lambda p: model.apply({"params": p}, images, tokens, m)).lower(params)
@@ -160,7 +160,7 @@ def test_fsdp_x_tensor_train_step_gathers_one_parameter_at_a_time_and_holds_an_e
     """
     assert jax.device_count() >= 8, "tests/conftest.py sets 8 host devices"
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}, devices=jax.devices()[:8])
-    rules = sharding.DEFAULT_RULES
+    rules = sharding.LOGICAL_AXIS_RULES
     model = Recognizer(CONFIG, activations=Activations(mesh, rules))
     params = init_params(Recognizer(CONFIG), jax.random.key(0), mesh, rules)
     schedule = optim.lr_schedule(lr=1e-3, lr_min=0.0, total_steps=10, warmup=2, kind="warmup_cosine")

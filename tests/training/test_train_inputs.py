@@ -75,7 +75,7 @@ def test_arrays_have_static_shapes_and_keep_label_order(tok):
 
 def test_global_batch_is_sharded_over_data_and_fsdp():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    spec = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
+    spec = sharding.batch_sharding(mesh, sharding.LOGICAL_AXIS_RULES)
     local = {"tokens": np.arange(16 * 3, dtype=np.int32).reshape(16, 3)}
     g = train_inputs.global_batch(local, spec)["tokens"]
     assert g.shape == (16, 3) and len(g.addressable_shards) == 8

@@ -1,7 +1,6 @@
 """Trainable selection, decay groups, the original's lr schedule and AdamW, against torch references."""
 
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +10,13 @@ import pytest
 import torch
 
 from nxtp_jax import experiment, params as ptree
-from nxtp_jax.experiment import full_size, load_config_module
+from nxtp_jax.configs import base
+from nxtp_jax.experiment import full_size
 from nxtp_jax.training import optim
 from nxtp_jax.models.recognizer import Recognizer
 
 
-PAPER_TRAINABLE = load_config_module(pathlib.Path(__file__).parents[2] / "configs" / "base.py", "base.py").PAPER_TRAINABLE
+PAPER_TRAINABLE = base.PAPER_TRAINABLE
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_warmup_length_is_ratio_percent_or_minimum():
-    config = load_config_module(pathlib.Path(__file__).parents[2] / "configs" / "base.py", "base.py").get_config()
+    config = base.get_config()
     config.total_steps = 21360
     assert experiment.warmup_steps(config) == 2000
     config.total_steps = 10_000_000

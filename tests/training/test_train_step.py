@@ -48,7 +48,7 @@ def build(tok, mesh, *, trainable=(".*",), rows=None, accum=1, w_cap=0.0, lr=1e-
     )
     row_mask = None if rows is None else jnp.asarray(optim.embedding_row_mask(tok.vocab_size, rows))
     fn = train_state.make_train_step(model, tx, schedule, opts, row_mask)
-    spec = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
+    spec = sharding.batch_sharding(mesh, sharding.LOGICAL_AXIS_RULES)
     step = train_state.jit_train_step(fn, state, frozen, spec, mesh)
     return model, params, state, frozen, step, spec, schedule
 

@@ -25,18 +25,17 @@ from etils import epath
 
 from fake_gcs import fake_gcs
 from nxtp_jax import checkpoint
-from nxtp_jax.experiment import load_config_module
+from nxtp_jax.configs import demo
 from nxtp_jax.cli.main import run
 from nxtp_jax.training import log as train_log
 
-REPO = pathlib.Path(__file__).parents[2]
 STEPS = 12
 SIGTERM_AT = 5
 DATASET = "shapes_val"
 
 
 def demo_config(data_root, orbax_dir=""):
-    config = load_config_module(REPO / "configs" / "demo.py", "demo.py").get_config("tiny")
+    config = demo.get_config("tiny")
     config.mode = "train_and_eval"
     config.data.root = str(data_root)
     config.mesh.data, config.mesh.fsdp = 1, 1
