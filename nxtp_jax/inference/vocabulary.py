@@ -61,14 +61,14 @@ class Vocabulary:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, tokenizer: Tokenizer, **kw: Any) -> "Vocabulary":
-        """One label per line; blank lines are skipped."""
+        """One label per line in UTF-8 (a byte-order mark and CRLF line ends are fine); blank lines are skipped."""
         path = pathlib.Path(path)
         if not path.is_file():
             raise ValueError(
                 f"expected a vocabulary file with one label per line at {path}, found no file there; "
                 "pass a list to give the labels inline"
             )
-        labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        labels = [line.strip() for line in read_lines(path)]
         labels = [label for label in labels if label]
         if not labels:
             raise ValueError(f"expected at least one label in the vocabulary file {path}, found none")
@@ -120,6 +120,22 @@ class Vocabulary:
         j = np.arange(width)
         idx = np.minimum(self.offset[nodes][..., None] + j, len(self.token) - 1)
         return self.token[idx], self.next[idx], j < self.count[nodes][..., None]
+
+
+def read_lines(path: pathlib.Path) -> list[str]:
+    """The lines of a UTF-8 text file, without a leading byte-order mark; ValueError naming the
+    file, line and column of the first byte that is not UTF-8."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"expected UTF-8 text in {path}, found byte 0x{raw[e.start]:02x} at line {number}, column {e.start + 1} "
+                "(another encoding, e.g. Latin-1 or UTF-16?); save the file as UTF-8"
+            ) from None
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _label_ids(tokenizer: Tokenizer, template: str, prefix: list[int], label: str) -> tuple[int, ...]:

@@ -199,3 +199,21 @@ def test_numpy_steps_of_the_onnx_runner_match_the_device_steps(tok):
     step = jax.jit(sampling._constrained_step, static_argnums=3)(trie, jnp.asarray(logits), jnp.asarray(nodes), tok.delimiter_id)
     for got, want in zip(vocabulary.select(vocab, logits, nodes), step):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6)
+
+
+def test_vocabulary_file_in_utf8_with_bom_and_crlf_reads_as_plain_utf8(tok, tmp_path):
+    plain, windows = tmp_path / "plain.txt", tmp_path / "windows.txt"
+    plain.write_bytes("red circle\ncafé\nsky\n".encode())
+    windows.write_bytes(b"\xef\xbb\xbf" + "red circle\r\ncafé\r\nsky".encode())  # Notepad: BOM, CRLF, no final newline
+    assert Vocabulary.from_file(windows, tok).labels == Vocabulary.from_file(plain, tok).labels == ("red circle", "café", "sky")
+
+
+@pytest.mark.parametrize("data, where", [
+    ("red\ncafé\n".encode("latin-1"), "byte 0xe9 at line 2, column 4"),
+    ("red\n".encode("utf-16"), "byte 0xff at line 1, column 1"),
+])
+def test_vocabulary_file_in_another_encoding_names_file_line_and_byte(tok, tmp_path, data, where):
+    path = tmp_path / "labels.txt"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=re.escape(f"expected UTF-8 text in {path}, found {where}")):
+        Vocabulary.from_file(path, tok)
