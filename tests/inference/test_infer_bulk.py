@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from nxtp_jax.inference.bulk import iter_images, output_path, read_done
+from nxtp_jax.inference.bulk import iter_images, output_path, prepare_output, read_done, tag_to_file
 from nxtp_jax.inference.tagger import Tagger
 from tiny_models import random_images
 
@@ -126,3 +127,101 @@ def test_read_done_refuses_a_file_that_is_not_tagger_output(tmp_path):
     out.write_text('{"image": "a.png", "labels": []}\n["not", "a", "record"]\n')
     with pytest.raises(ValueError, match="line 2"):
         read_done(out)
+
+
+def _never_load():
+    raise AssertionError("the model was loaded before the output was checked")
+
+
+def _tag_to(out, inputs, load_tagger=_never_load, **kw):
+    tag_to_file(inputs, str(out), load_tagger, num_labels=3, min_prob=0.0, vocab=None, ranking="prob", batch_size=2,
+                process_index=0, process_count=1, **kw)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("notes.txt", b"first line\nlast line without a newline"),
+    ("blob.bin", bytes(range(256)) * 4),  # binary, no newline at all
+    ("list.jsonl", b'["a", "b"]\n'),
+    ("half.jsonl", b'{"image": "a.png", "labels": []}\nsome text\n'),
+])
+def test_a_foreign_output_is_refused_untouched_before_the_model_loads(tmp_path, inputs, name, data):
+    out = tmp_path / name
+    out.write_bytes(data)
+    with pytest.raises(ValueError, match=f"{out} is not an output of nxtp-tag .*left untouched"):
+        _tag_to(out, inputs["order"])
+    assert out.read_bytes() == data
+    assert not (tmp_path / f"{name}.lock").exists()
+
+
+def test_only_a_torn_last_line_of_our_own_file_is_dropped(tmp_path):
+    first = '{"image": "a.png", "labels": [{"label": "cat", "prob": 0.5}]}\n'
+    whole = '{"image": "b.png", "error": "b.png: broken"}'
+    torn, kept = tmp_path / "torn.jsonl", tmp_path / "kept.jsonl"
+    torn.write_text(first + '{"image": "b.p')
+    kept.write_text(first + whole)  # a whole record whose newline was not written: valid JSON, kept
+    for path in (torn, kept):
+        out = prepare_output(str(path), 0, 1)
+        out.close()
+    assert torn.read_text() == first
+    assert kept.read_text() == first + whole + "\n"
+    assert read_done(kept)[0] == {"a.png", "b.png"}
+
+
+def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path, inputs):
+    out = tmp_path / "tags.jsonl"
+    first = prepare_output(str(out), 0, 1)
+    try:
+        with pytest.raises(OSError, match=rf"{out} is in use by another run \(pid {os.getpid()} on .*, since "):
+            _tag_to(out, inputs["order"])
+    finally:
+        first.close()
+    assert not (tmp_path / "tags.jsonl.lock").exists()
+    # A run killed while holding the lock leaves its file, but not the lock.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nxtp_jax.inference.bulk import prepare_output; "
+                               f"prepare_output({str(out)!r}, 0, 1); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    assert (tmp_path / "tags.jsonl.lock").exists()
+    prepare_output(str(out), 0, 1).close()
+
+
+def test_an_unwritable_output_fails_before_the_model_loads(tmp_path, inputs):
+    (tmp_path / "file").write_text("a file, not a directory")
+    with pytest.raises(OSError, match="--output .*file/out.jsonl cannot be written"):
+        _tag_to(tmp_path / "file" / "out.jsonl", inputs["order"])
+
+
+def test_a_pipe_output_is_written_through_and_never_read(tiny_ckpt, tmp_path, inputs):
+    os.unlink(inputs["fifo"])
+    Image.fromarray(inputs["fifo_image"]).save(inputs["fifo"], format="PNG")
+    out = tmp_path / "pipe.jsonl"
+    os.mkfifo(out)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(out.read_text()), daemon=True)
+    reader.start()
+    writer = threading.Thread(target=_tag_to, args=(out, inputs["order"], lambda: Tagger.load(tiny_ckpt)), daemon=True)
+    writer.start()
+    writer.join(timeout=120)
+    assert not writer.is_alive(), "tagging into a pipe did not finish"
+    reader.join(timeout=10)
+    assert [json.loads(line)["image"] for line in received[0].splitlines()] == inputs["keys"]
+    assert not (tmp_path / "pipe.jsonl.lock").exists()
+
+
+def test_every_input_without_an_image_gets_an_error(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.png")
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    os.symlink("gone.png", folder / "dangling.png")
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    found = dict(iter_images([str(folder), str(empty)], lambda i, key: True))
+    assert list(found) == [str(folder / n) for n in ("dangling.png", "fifo.png", "loop.jpg")] + [str(empty)]
+    assert all(isinstance(e, (OSError, ValueError)) for e in found.values())
+    assert "not a regular file" in str(found[str(folder / "fifo.png")])
+    assert "symbolic links" in str(found[str(folder / "loop.jpg")])
+    assert "No such file" in str(found[str(folder / "dangling.png")])
+    assert str(found[str(empty)]) == f"{empty}: no sample in this shard (0 bytes)"
