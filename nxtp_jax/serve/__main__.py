@@ -1,3 +1,6 @@
-from nxtp_jax.cli.serve import serve
+"""`python -m nxtp_jax.serve`: the serve command (nxtp_jax/cli/serve.py)."""
 
-serve.entry()
+if __name__ == "__main__":
+    from nxtp_jax.cli.serve import serve
+
+    serve.entry()
