@@ -15,7 +15,9 @@ LAYERS = (
     {"sharding", "prompts"},
     {"models", "data"},
     {"checkpoint"},
-    {"experiment", "weights", "inference"},
+    {"experiment", "weights"},
+    {"pretrained"},  # released models: downloads, then the weights converter
+    {"inference"},  # Tagger.from_pretrained resolves a released model
     {"training", "evaluation", "export", "serve"},
     {"aot"},  # compiles the training step and the sampler for a target topology
     {"cli"},

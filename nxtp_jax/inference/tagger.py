@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nxtp_jax import checkpoint, objective, prompts
+from nxtp_jax import checkpoint, objective, pretrained, prompts
 from nxtp_jax.choices import STRATEGIES
 from nxtp_jax.inference import decoding, ranking, sampling, vocabulary
 from nxtp_jax.inference.vocabulary import Vocabulary
@@ -101,6 +101,27 @@ class Tagger:
         elif mesh is None and jax.default_backend() == "cpu":
             params = _quantize.transpose_params(params, consume=True)
         return cls(model, params, tok, **kw)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        *,
+        quantize: str = "none",
+        dtype: Any = None,
+        cache_dir: str | os.PathLike | None = None,
+        llama_dir: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        **kw,
+    ) -> "Tagger":
+        """A released model ("g3m", "g70m"), a model card .json or a checkpoint directory, loaded as `load` does.
+
+        A released model is downloaded, checked and converted on its first use, then read from
+        the cache (`nxtp_jax.pretrained.resolve`, which also takes `cache_dir`, `llama_dir` and
+        `tokenizer`); its licence is printed once.
+        """
+        ckpt_dir = pretrained.resolve(model, cache_dir=cache_dir, llama_dir=llama_dir, tokenizer=tokenizer)
+        return cls.load(ckpt_dir, quantize=quantize, dtype=dtype, **kw)
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """Paths, PIL images or uint8 arrays -> CLIP-normalised float32 [B, R, R, 3]."""
