@@ -1,12 +1,7 @@
-"""Check WebDataset shards (the `nxtp-check` command, also `python -m nxtp_jax.data.check PATH ...`).
+"""Check WebDataset shards as training would read them: the library of `nxtp-check` (nxtp_jax/cli/check.py).
 
-Every sample is read and its image fully decoded, as training would. Prints each shard's
-count of valid samples and every problem (member, kind, reason), then a total line
-`valid=N skipped=M shards=S`.
-
-Exit status: 1 if a path cannot be opened or is not a readable tar shard at all (it breaks
-before its first sample: a text file, a gzip, a shard cut inside its first header); with
-`--strict`, also 1 if any sample was skipped; else 0.
+`check_paths` decodes every sample of every shard and prints each shard's count of valid
+samples and each problem; `python -m nxtp_jax.data.check` is the same command.
 """
 
 from __future__ import annotations
