@@ -73,7 +73,9 @@ class Command:
     def help(self) -> str:
         fv = self.flag_values([])
         usage = f"usage: {self.prog} [flags]{' ' + self.positional if self.positional else ''}"
-        return f"{usage}\n\n{self.doc.strip()}\n\nflags:\n{fv.get_help(include_special_flags=False)}\n"
+        # absl groups flags under the module that defined them; one list reads better.
+        lines = [line for line in fv.get_help(include_special_flags=False).splitlines() if line.startswith("  ")]
+        return f"{usage}\n\n{self.doc.strip()}\n\nflags:\n" + "\n".join(lines) + "\n"
 
     def __call__(self, argv: Sequence[str] | None = None) -> int:
         """Runs the command on `argv` (without the program name); returns the exit status."""
