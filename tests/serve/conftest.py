@@ -26,24 +26,25 @@ def free_port() -> int:
 class Server:
     """`python -m nxtp_jax.serve` in a subprocess on a free port of 127.0.0.1."""
 
-    def __init__(self, ckpt: pathlib.Path, *flags: str, log: pathlib.Path):
+    def __init__(self, ckpt: pathlib.Path, *flags: str, log: pathlib.Path, open_files: int | None = None):
+        """`open_files`: the soft RLIMIT_NOFILE the server starts under (the hard limit stays)."""
         self.log = log
         self.url = f"http://127.0.0.1:{free_port()}"
-        port = self.url.rsplit(":", 1)[1]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        cmd = [sys.executable, "-m", "nxtp_jax.serve", f"--ckpt={ckpt}", "--host=127.0.0.1", f"--port={self.port}", *flags]
+        if open_files is not None:
+            cmd = ["sh", "-c", f'ulimit -S -n {open_files} && exec "$@"', "sh", *cmd]
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "nxtp_jax.serve", f"--ckpt={ckpt}", "--host=127.0.0.1", f"--port={port}", *flags],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-            )
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
-    def wait_ready(self, timeout: float = 600) -> None:
+    def wait_ready(self, timeout: float = 600) -> "Server":
         deadline = time.monotonic() + timeout
         while True:
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log.read_text()}"
             assert time.monotonic() < deadline, f"server not ready after {timeout} s:\n{self.log.read_text()}"
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
+                    return self
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
