@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--workers", type=int, default=1, help="processes (one shard each at a time)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
     args = parser.parse_args(argv)
     try:

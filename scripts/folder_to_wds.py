@@ -1,10 +1,10 @@
 """Pack an image folder plus a captions file (tsv or jsonl) into WebDataset shards.
 
-    python scripts/folder_to_wds.py --images IMGS --captions caps.tsv --out DIR --samples-per-shard 1000
+    python scripts/folder_to_wds.py --images IMGS --captions caps.tsv --out DIR --samples_per_shard 1000
 
 The captions file names each image by its path relative to --images:
-- .tsv: a header row with the `path` and `caption` columns (names set by --path-col,
-  --caption-col), tab-separated; an optional `labels` column holds comma-separated labels;
+- .tsv: a header row with the `path` and `caption` columns (names set by --path_col,
+  --caption_col), tab-separated; an optional `labels` column holds comma-separated labels;
 - .jsonl: one object per line with the same keys; "labels" is a list of strings.
 Sample i (in file order) is keyed by its zero-padded number and has the image (jpg, png
 and webp bytes copied as they are, other formats converted to png), .txt with the caption
@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", required=True, help="folder the image paths are relative to")
     parser.add_argument("--captions", required=True, help=".tsv or .jsonl captions file")
     parser.add_argument("--out", required=True, help="output folder for the shards")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--samples_per_shard", type=int, default=1000)
     parser.add_argument("--prefix", default="", help="shard name prefix (default: 000000.tar, ...)")
-    parser.add_argument("--path-col", default="path")
-    parser.add_argument("--caption-col", default="caption")
+    parser.add_argument("--path_col", default="path")
+    parser.add_argument("--caption_col", default="caption")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
     args = parser.parse_args(argv)
     try:

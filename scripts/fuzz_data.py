@@ -1,6 +1,6 @@
 """Fuzz the data readers with mutated tar shards and image bytes (hypothesis).
 
-    python scripts/fuzz_data.py --cases 3000 --seed 0 --timeout 20 --max-memory-mb 4096
+    python scripts/fuzz_data.py --cases 3000 --seed 0 --timeout 20 --max_memory_mb 4096
 
 Every tar case goes through the shard checker (`check.check_shard`) and the training
 stream's shard reading and decoding (`stream.TarStreamIterDataset` + `samples.decode_sample`);
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=3000, help="cases in all, split evenly between tar and image")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as a hang")
-    parser.add_argument("--max-memory-mb", type=int, default=4096, help="address-space cap (RLIMIT_AS); 0 for none")
+    parser.add_argument("--max_memory_mb", type=int, default=4096, help="address-space cap (RLIMIT_AS); 0 for none")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # PIL warns about each corrupt file; outcomes are counted instead
     logging.getLogger("PIL").setLevel(logging.CRITICAL)

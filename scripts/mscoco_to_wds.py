@@ -1,6 +1,6 @@
 """Pack COCO 2017 captions and images into WebDataset shards.
 
-    python scripts/mscoco_to_wds.py --root COCO --split val2017 --out DIR --samples-per-shard 3000
+    python scripts/mscoco_to_wds.py --root COCO --split val2017 --out DIR --samples_per_shard 3000
 
 Reads COCO/annotations/captions_<split>.json and COCO/<split>/<file_name>. Images go in
 order of their id; each becomes a sample keyed by its file name without extension
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True, help="COCO folder with annotations/ and <split>/")
     parser.add_argument("--split", default="val2017", help="train2017 or val2017")
     parser.add_argument("--out", required=True, help="output folder for the shards")
-    parser.add_argument("--samples-per-shard", type=int, default=3000)
+    parser.add_argument("--samples_per_shard", type=int, default=3000)
     parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
     args = parser.parse_args(argv)
     try:

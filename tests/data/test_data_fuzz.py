@@ -4,7 +4,6 @@ The checker, the training stream's shard reading and `preprocess` always finish 
 documented outcome; a run in a fresh process stays under an address-space cap.
 """
 
-import importlib.util
 import pathlib
 import re
 import subprocess
@@ -12,12 +11,11 @@ import sys
 
 from hypothesis import HealthCheck, given, settings
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("fuzz_data", ROOT / "scripts" / "fuzz_data.py")
-fuzz = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fuzz)
+from scripts import fuzz_data as fuzz
 
-CASES = settings(max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+CASES = settings(suppress_health_check=[HealthCheck.too_slow])  # examples: the profile (tests/conftest.py)
 TIMEOUT = 60  # seconds a case may run before it counts as a hang (cases take milliseconds)
 
 
@@ -38,8 +36,8 @@ def test_preprocess_finishes_on_mutated_images_with_image_error_or_pixels(data):
 def test_fuzz_script_run_stays_under_a_memory_cap():
     cap_mb = 3072
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "fuzz_data.py"), "--cases", "100", "--seed", "1", "--max-memory-mb", str(cap_mb)],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "scripts.fuzz_data", "--cases", "100", "--seed", "1", "--max_memory_mb", str(cap_mb)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = re.search(r"cases=(\d+) hangs=(\d+) undocumented=(\d+) peak_rss_mb=(\d+)", proc.stdout)

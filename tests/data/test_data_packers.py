@@ -1,13 +1,11 @@
 """Packers: COCO layout, folder + captions file, synthetic shapes, label pre-extraction."""
 
-import importlib.util
+import contextlib
 import io
 import json
 import os
-import pathlib
-import subprocess
-import sys
 import tarfile
+import types
 
 import numpy as np
 import pytest
@@ -16,22 +14,19 @@ from PIL import Image
 from nxtp_jax.data import labels, pipeline
 from nxtp_jax.data.shapes import COLOURS, COUNTS, SHAPES, make_shapes
 from nxtp_jax.data.tar import iter_groups, open_shard, read_bytes
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-SCRIPTS = ROOT / "scripts"
-
-
-def run_script(name, *args):
-    return subprocess.run(
-        [sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+from scripts import extract_labels, folder_to_wds, mscoco_to_wds
+from scripts import make_shapes as make_shapes_script
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), SCRIPTS / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_script(script, *args):
+    """A script's main in process, as its command line ends: exit status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = script.main(list(map(str, args)))
+        except SystemExit as e:  # argparse: --help and usage errors
+            status = e.code
+    return types.SimpleNamespace(returncode=status or 0, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def jpeg_bytes(value, size=(12, 10)):
@@ -64,7 +59,7 @@ def test_coco_packer_layout_and_resume(tmp_path):
     }
     (coco / "annotations" / "captions_val2017.json").write_text(json.dumps(annotations))
     out = tmp_path / "coco_valid"
-    proc = run_script("mscoco_to_wds.py", "--root", coco, "--split", "val2017", "--out", out, "--samples-per-shard", 2, "--no-progress")
+    proc = run_script(mscoco_to_wds, "--root", coco, "--split", "val2017", "--out", out, "--samples_per_shard", 2, "--no_progress")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["000000.tar", "000001.tar"]
     expected = {
@@ -85,11 +80,11 @@ def test_coco_packer_layout_and_resume(tmp_path):
     first, second = (out / "000000.tar").read_bytes(), (out / "000001.tar").read_bytes()
     (out / "000001.tar").unlink()
     (out / "000007.tar").write_bytes(b"stale")  # from an earlier, larger run
-    args = ("--root", coco, "--split", "val2017", "--out", out, "--samples-per-shard", 2, "--no-progress")
-    proc = run_script("mscoco_to_wds.py", *args)
+    args = ("--root", coco, "--split", "val2017", "--out", out, "--samples_per_shard", 2, "--no_progress")
+    proc = run_script(mscoco_to_wds, *args)
     assert proc.returncode == 1 and one_line_error(proc, "is not empty", "--overwrite")
     assert sorted(os.listdir(out)) == ["000000.tar", "000007.tar"]  # untouched
-    proc = run_script("mscoco_to_wds.py", *args, "--overwrite")
+    proc = run_script(mscoco_to_wds, *args, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["000000.tar", "000001.tar"]  # the stale shard is gone
     assert (out / "000000.tar").read_bytes() == first and (out / "000001.tar").read_bytes() == second
@@ -102,7 +97,7 @@ def one_line_error(proc, *words):
 
 
 def test_coco_packer_explains_a_wrong_root(tmp_path):
-    proc = run_script("mscoco_to_wds.py", "--root", tmp_path, "--out", tmp_path / "o")
+    proc = run_script(mscoco_to_wds, "--root", tmp_path, "--out", tmp_path / "o")
     assert proc.returncode == 1 and one_line_error(proc, "captions_val2017.json"), proc.stderr
 
 
@@ -126,7 +121,7 @@ def make_coco(tmp_path, file_names):
 def test_coco_file_names_with_extra_dots_keep_distinct_keys(tmp_path):
     # "a.b.jpg" and "a.c.jpg" were both keyed "a": one merged sample.
     coco = make_coco(tmp_path, ["a.b.jpg", "a.c.jpg", "a%2Eb.jpg"])
-    proc = run_script("mscoco_to_wds.py", "--root", coco, "--out", tmp_path / "o", "--no-progress")
+    proc = run_script(mscoco_to_wds, "--root", coco, "--out", tmp_path / "o", "--no_progress")
     assert proc.returncode == 0, proc.stderr
     fd, size = open_shard(str(tmp_path / "o" / "000000.tar"))
     groups = list(iter_groups(fd, size))
@@ -140,14 +135,14 @@ def test_coco_file_names_with_extra_dots_keep_distinct_keys(tmp_path):
 def test_coco_file_names_outside_the_split_folder_are_refused(tmp_path, name):
     (tmp_path / "outside.jpg").write_bytes(jpeg_bytes(1))
     coco = make_coco(tmp_path, ["fine.jpg", name])
-    proc = run_script("mscoco_to_wds.py", "--root", coco, "--out", tmp_path / "o", "--no-progress")
+    proc = run_script(mscoco_to_wds, "--root", coco, "--out", tmp_path / "o", "--no_progress")
     assert proc.returncode == 1 and one_line_error(proc, repr(name)), proc.stderr
     assert not (tmp_path / "o").exists()
 
 
 def test_coco_duplicate_file_names_are_refused(tmp_path):
     coco = make_coco(tmp_path, ["x.jpg", "x.jpg"])
-    proc = run_script("mscoco_to_wds.py", "--root", coco, "--out", tmp_path / "o", "--no-progress")
+    proc = run_script(mscoco_to_wds, "--root", coco, "--out", tmp_path / "o", "--no_progress")
     assert proc.returncode == 1 and one_line_error(proc, "'x'", "unique"), proc.stderr
 
 
@@ -158,7 +153,7 @@ def test_folder_packer_refuses_caption_paths_outside_images(tmp_path, path):
     (images / "a.jpg").write_bytes(jpeg_bytes(5))
     (tmp_path / "secret.jpg").write_bytes(jpeg_bytes(6))
     (tmp_path / "caps.jsonl").write_text(json.dumps({"path": "a.jpg", "caption": "ok"}) + "\n" + json.dumps({"path": path, "caption": "x"}) + "\n")
-    proc = run_script("folder_to_wds.py", "--images", images, "--captions", tmp_path / "caps.jsonl", "--out", tmp_path / "o", "--no-progress")
+    proc = run_script(folder_to_wds, "--images", images, "--captions", tmp_path / "caps.jsonl", "--out", tmp_path / "o", "--no_progress")
     assert proc.returncode == 1 and one_line_error(proc, repr(path)), proc.stderr
     assert not (tmp_path / "o").exists()
 
@@ -170,7 +165,7 @@ def test_folder_packer_refuses_a_prefix_that_leads_outside_out(tmp_path, prefix)
     (images / "a.jpg").write_bytes(jpeg_bytes(5))
     (tmp_path / "caps.tsv").write_text("path\tcaption\na.jpg\tcap\n")
     out = tmp_path / "o"
-    proc = run_script("folder_to_wds.py", "--images", images, "--captions", tmp_path / "caps.tsv", "--out", out, "--prefix", prefix, "--no-progress")
+    proc = run_script(folder_to_wds, "--images", images, "--captions", tmp_path / "caps.tsv", "--out", out, "--prefix", prefix, "--no_progress")
     assert proc.returncode == 1 and one_line_error(proc, "outside --out"), proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["caps.tsv", "imgs"]
     assert not os.path.exists(f"{prefix}-000000.tar")
@@ -179,7 +174,7 @@ def test_folder_packer_refuses_a_prefix_that_leads_outside_out(tmp_path, prefix)
 def test_packers_refuse_an_out_that_is_a_file(tmp_path):
     (tmp_path / "caps.tsv").write_text("path\tcaption\n")
     (tmp_path / "file").write_text("x")
-    proc = run_script("folder_to_wds.py", "--images", tmp_path, "--captions", tmp_path / "caps.tsv", "--out", tmp_path / "file")
+    proc = run_script(folder_to_wds, "--images", tmp_path, "--captions", tmp_path / "caps.tsv", "--out", tmp_path / "file")
     assert proc.returncode == 1 and one_line_error(proc, "is a file"), proc.stderr
 
 
@@ -189,7 +184,7 @@ def test_folder_packer_tsv_and_jsonl(tmp_path):
     (images / "a.jpg").write_bytes(jpeg_bytes(5))
     Image.fromarray(np.full((6, 6, 3), 9, np.uint8)).save(images / "sub" / "b.bmp")
     (tmp_path / "caps.tsv").write_text("path\tcaption\tlabels\na.jpg\ta red thing\tthing, red\nsub/b.bmp\tgrey box\t\nmissing.jpg\tgone\t\n")
-    proc = run_script("folder_to_wds.py", "--images", images, "--captions", tmp_path / "caps.tsv", "--out", tmp_path / "o1", "--no-progress")
+    proc = run_script(folder_to_wds, "--images", images, "--captions", tmp_path / "caps.tsv", "--out", tmp_path / "o1", "--no_progress")
     assert proc.returncode == 0, proc.stderr
     assert "missing.jpg" in proc.stderr
     fd, size = open_shard(str(tmp_path / "o1" / "000000.tar"))
@@ -205,7 +200,7 @@ def test_folder_packer_tsv_and_jsonl(tmp_path):
 
     lines = [{"path": "a.jpg", "caption": "x", "labels": ["cat"]}, {"path": "sub/b.bmp", "caption": "y", "labels": []}]
     (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    proc = run_script("folder_to_wds.py", "--images", images, "--captions", tmp_path / "caps.jsonl", "--out", tmp_path / "o2", "--samples-per-shard", 1, "--prefix", "f", "--no-progress")
+    proc = run_script(folder_to_wds, "--images", images, "--captions", tmp_path / "caps.jsonl", "--out", tmp_path / "o2", "--samples_per_shard", 1, "--prefix", "f", "--no_progress")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "o2")) == ["f-000000.tar", "f-000001.tar"]
     loader = pipeline.build_eval_loader(sorted(str(p) for p in (tmp_path / "o2").iterdir()), image_size=4, batch_size=2, process_index=0, process_count=1)
@@ -246,7 +241,7 @@ def test_make_shapes_is_deterministic_and_varied(tmp_path):
 
 
 def test_make_shapes_script(tmp_path):
-    proc = run_script("make_shapes.py", "--out", tmp_path, "--num-train", 5, "--num-val", 3, "--image-size", 24, "--samples-per-shard", 4, "--no-progress")
+    proc = run_script(make_shapes_script, "--out", tmp_path, "--num_train", 5, "--num_val", 3, "--image_size", 24, "--samples_per_shard", 4, "--no_progress")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "train")) == ["shapes-train-000000.tar", "shapes-train-000001.tar"]
     assert os.listdir(tmp_path / "val") == ["shapes-val-000000.tar"]
@@ -264,8 +259,7 @@ def test_extract_labels_adds_labels_and_copies_members(tmp_path, monkeypatch):
     ])
     monkeypatch.setattr(labels, "check_nltk_data", lambda: None)
     monkeypatch.setattr(labels, "caption_to_nouns", lambda caption: [w for w in caption.split() if len(w) > 3])
-    script = load_script("extract_labels.py")
-    assert script.main(["--input", str(src), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert extract_labels.main(["--input", str(src), "--out", str(tmp_path / "out"), "--no_progress"]) == 0
     got = tar_members(tmp_path / "out" / "000000.tar")
     assert got == [
         ("k1.jpg", b"img1"), ("k1.txt", b"a brown dog"), ("k1.json", json.dumps({"url": "u1", "labels": ["brown"]}).encode()),
@@ -281,17 +275,16 @@ def test_extract_labels_refuses_an_out_holding_its_inputs_and_a_rerun_without_ov
     write_shard(src / "000000.tar", [("k1", {"jpg": b"img1", "txt": b"a dog"})])
     monkeypatch.setattr(labels, "check_nltk_data", lambda: None)
     monkeypatch.setattr(labels, "caption_to_nouns", lambda caption: caption.split())
-    script = load_script("extract_labels.py")
     for out in (src, tmp_path):  # --overwrite there would delete the inputs
-        assert script.main(["--input", str(src), "--out", str(out), "--overwrite", "--no-progress"]) == 1
+        assert extract_labels.main(["--input", str(src), "--out", str(out), "--overwrite", "--no_progress"]) == 1
         assert "holds input shards" in capsys.readouterr().err
     assert (src / "000000.tar").exists()
     out = tmp_path / "out"
-    assert script.main(["--input", str(src), "--out", str(out), "--no-progress"]) == 0
+    assert extract_labels.main(["--input", str(src), "--out", str(out), "--no_progress"]) == 0
     (out / "old.tar").write_bytes(b"stale")
-    assert script.main(["--input", str(src), "--out", str(out), "--no-progress"]) == 1
+    assert extract_labels.main(["--input", str(src), "--out", str(out), "--no_progress"]) == 1
     assert "--overwrite" in capsys.readouterr().err
-    assert script.main(["--input", str(src), "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert extract_labels.main(["--input", str(src), "--out", str(out), "--overwrite", "--no_progress"]) == 0
     assert sorted(os.listdir(out)) == ["000000.tar"]
 
 
@@ -300,12 +293,11 @@ def test_extract_labels_without_nltk_data_says_how_to_get_it(tmp_path, monkeypat
     import nltk
 
     monkeypatch.setattr(nltk.data, "find", lambda path: (_ for _ in ()).throw(LookupError(path)))
-    script = load_script("extract_labels.py")
-    assert script.main(["--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert extract_labels.main(["--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
     labels.check_nltk_data.cache_clear()
 
 
-@pytest.mark.parametrize("name", ["mscoco_to_wds.py", "folder_to_wds.py", "make_shapes.py", "extract_labels.py", "bench_data.py"])
-def test_scripts_have_help(name):
-    proc = run_script(name, "--help")
+@pytest.mark.parametrize("script", [mscoco_to_wds, folder_to_wds, make_shapes_script, extract_labels], ids=lambda m: m.__name__)
+def test_scripts_have_help(script):
+    proc = run_script(script, "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr

@@ -1,9 +1,6 @@
 """Host-side batches: stateless label shuffles and templates, static shapes, global arrays; the plot script."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,8 +8,7 @@ import pytest
 from nxtp_jax import prompts, sharding
 from nxtp_jax.training import inputs as train_inputs
 from nxtp_jax.tokenizer import Tokenizer
-
-REPO = pathlib.Path(__file__).parents[2]
+from scripts import plot_logs
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +82,7 @@ def test_global_batch_is_sharded_over_data_and_fsdp():
 def test_plot_logs_writes_png_and_svg(tmp_path):
     rows = [{"step": s, "loss": 5.0 / s, "lr": 1e-4 * min(1, s / 5)} for s in range(1, 21)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "plot_logs.py"), str(tmp_path), "--smooth", "0.5"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
+    plot_logs.main([str(tmp_path), "--smooth", "0.5"])
     names = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert names == sorted(f"{m}-{t}-mode.{e}" for m in ("loss", "lr") for t in ("light", "dark") for e in ("png", "svg"))
     assert (tmp_path / "plots" / "loss-light-mode.svg").read_text().lstrip().startswith("<?xml")
