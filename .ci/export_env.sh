@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The export environments, apart from the main one (jax2onnx pins orbax-checkpoint<0.11.37):
 #   export env  nxtp_jax[onnx,savedmodel,convert] + pytest: exporters, JAX references, torch fixtures
-#   ort env     onnxruntime numpy pillow sentencepiece only: convert/onnx_infer.py must run there
+#   ort env     onnxruntime numpy pillow sentencepiece absl-py, and nxtp_jax installed without its
+#               dependencies (so no JAX): convert/onnx_infer.py must run there
 #
 #   bash .ci/export_env.sh         # create or update both environments (pip check must be clean)
 #   bash .ci/export_env.sh test    # ... then run tests/export in the export env
@@ -25,8 +26,10 @@ TORCH="${NXTP_TORCH:-torch==2.13.0}"
 "$EXPORT_VENV/bin/pip" check
 
 [ -x "$ORT_VENV/bin/python" ] || "$PYTHON" -m venv "$ORT_VENV"
-"$ORT_VENV/bin/pip" install -q onnxruntime numpy pillow sentencepiece
+"$ORT_VENV/bin/pip" install -q onnxruntime numpy pillow sentencepiece absl-py
 "$ORT_VENV/bin/pip" check
+# After the check, which would list nxtp_jax's dependencies as missing: the runner needs none of them.
+"$ORT_VENV/bin/pip" install -q --no-deps -e "$ROOT"
 
 if [ "${1:-}" = "test" ]; then
     cd "$ROOT"

@@ -26,6 +26,8 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 PARAMS_DIR = "params"
 FORMAT = "nxtp_jax.checkpoint/1"
+# A first checkpoint from CLIP and LLaMA-2, as errors quote it; tests/weights parse it with nxtp-convert's flags.
+CONVERT_COMMAND = "nxtp-convert --clip=ViT-L-14.pt --llama_dir=llama-2-7b --tokenizer=tokenizer.model --layers=6 --out=DIR"
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -81,7 +83,7 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {ckpt_dir} is not an nxtp_jax checkpoint directory "
-            "(make one with `python convert/from_torch.py ... --out DIR`)"
+            f"(make one with `{CONVERT_COMMAND}`)"
         )
     try:
         meta = json.loads(path.read_text())

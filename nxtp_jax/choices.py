@@ -27,3 +27,9 @@ COMPILE_SEARCHES = ("", "batch", "mesh")
 QUANTIZE = ("none", "int8", "int4")
 # Labels per image (k of the one-shot sampling) when a caller does not say.
 DEFAULT_NUM_LABELS = 10
+# ONNX and SavedModel export: the weights' dtype (float16 halves the files; activations stay float32).
+EXPORT_DTYPES = ("float32", "float16")
+# MatMulNBits' arithmetic with a quantized ONNX decoder: 4 int8 (the default: ORT's fast kernels), 0 float32.
+ACCURACY_LEVELS = (0, 4)
+DEFAULT_ACCURACY_LEVEL = 4
+DEFAULT_OPSET = 23

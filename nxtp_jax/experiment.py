@@ -30,7 +30,7 @@ from nxtp_jax.sharding import MESH_AXES
 from nxtp_jax.tokenizer import LLAMA2_PIECES, SPECIAL_TOKENS, Tokenizer
 
 CONVERT_HINT = (
-    "make it with `python convert/from_torch.py --clip ViT-L-14.pt --llama llama-2-7b --layers 6 --out DIR` "
+    f"make it with `{checkpoint.CONVERT_COMMAND}` "
     "(CLIP: https://github.com/openai/CLIP, LLaMA-2: https://llama.meta.com/llama-downloads) "
     "and pass --config.model.checkpoint=DIR"
 )

@@ -8,18 +8,15 @@ of "0: tench, Tinca tinca" are ["tench", "tinca tinca"].
 
 Two ways in:
 - TFDS: a registry entry with "tfds": "imagenet2012" and "classes": "in1k" (eval_inputs.py);
-- shards: `python -m nxtp_jax.data.imagenet --val-dir VAL --out in1k_val.jsonl` writes the
+- shards: `python -m nxtp_jax.data.imagenet --val_dir=VAL --out=in1k_val.jsonl` writes the
   captions file that `scripts/folder_to_wds.py` packs, with the targets as json labels.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import os
 import pathlib
-import sys
 from typing import Any, Mapping
 
 from nxtp_jax.data.samples import Skip
@@ -90,18 +87,7 @@ def captions_rows(val_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write the captions jsonl of ImageNet-1k val for scripts/folder_to_wds.py.")
-    parser.add_argument("--val-dir", required=True, help="folder with one sub-folder of images per WordNet id")
-    parser.add_argument("--out", required=True, help="output .jsonl")
-    args = parser.parse_args(argv)
-    rows = captions_rows(args.val_dir)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    print(f"wrote {len(rows)} rows to {args.out}; pack them with scripts/folder_to_wds.py --images {args.val_dir} --captions {args.out}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from nxtp_jax.cli.imagenet import imagenet_command
+
+    imagenet_command.entry()

@@ -9,11 +9,13 @@
   updated cache. The prefill asks for the last position only, a step for all k branches.
 
 The token embedding table stays outside the graphs: the caller embeds ids (the prefill feeds
-image tokens and prompt embeddings together).
+image tokens and prompt embeddings together). `load` gives both exporters (ONNX, SavedModel)
+the checkpoint's model in an export dtype; nothing here imports jax2onnx or TensorFlow.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -21,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
+from nxtp_jax import checkpoint
+from nxtp_jax.choices import EXPORT_DTYPES
 from nxtp_jax.data import preprocess
 from nxtp_jax.models.config import ModelConfig
 from nxtp_jax.models.recognizer import Recognizer
@@ -28,6 +32,20 @@ from nxtp_jax.models.recognizer import Recognizer
 ENCODER_INPUTS = ("images",)
 ENCODER_OUTPUTS = ("image_tokens",)
 DECODER_ARGS = ("embeddings", "positions", "mask", "cache_index", "logit_index")
+
+
+def load(ckpt_dir: str | os.PathLike, dtype: str = "float32") -> tuple[Recognizer, Any]:
+    """The checkpoint's model and params, with the weights in `dtype` and float32 activations.
+
+    float16 weights halve the files; the graphs cast them to float32 where they are used (ONNX
+    Runtime folds those casts when it loads the graph), because neither ONNX Runtime's CPU
+    kernels nor XLA's CPU backend multiply float16 matrices.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"expected dtype in {EXPORT_DTYPES}, found {dtype!r}")
+    config = checkpoint.load_config(ckpt_dir)
+    model = Recognizer(config, dtype=jnp.float32, param_dtype=jnp.dtype(dtype))
+    return model, checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model))
 
 
 def cache_names(layers: int, prefix: str) -> list[str]:

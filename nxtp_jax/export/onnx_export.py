@@ -29,22 +29,18 @@ from jax2onnx import to_onnx
 from onnx import numpy_helper
 
 from nxtp_jax import checkpoint
+from nxtp_jax.choices import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, QUANTIZE
 from nxtp_jax.inference import sampling
 from nxtp_jax.export import graphs
 from nxtp_jax.export.ort_tagger import CONFIG_FILE, FORMAT, make_session
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.tokenizer import Tokenizer
 
-DTYPES = {"float32": jnp.float32, "float16": jnp.float16}
-QUANTIZE = ("none", "int8", "int4")
 QUANT_BLOCK = 128  # MatMulNBits' block along K: its block size is a power of two, so no per-channel 11008
-# MatMulNBits' arithmetic: 0 float32 (activations stay float), 4 int8 (activations quantized per
-# block at each product). ORT 1.32 has no fast 8-bit kernel with float32 arithmetic on AVX2: 9
-# against fp32's 108 GFLOP/s for a [20, 4096] x [4096, 11008] product, 96 with level 4
-# (scripts/bench_cpu.py --matmuls).
-ACCURACY_LEVELS = (0, 4)
-DEFAULT_ACCURACY_LEVEL = 4
-DEFAULT_OPSET = 23
+# MatMulNBits' arithmetic (choices.ACCURACY_LEVELS): 0 float32 (activations stay float), 4 int8
+# (activations quantized per block at each product). ORT 1.32 has no fast 8-bit kernel with
+# float32 arithmetic on AVX2: 9 against fp32's 108 GFLOP/s for a [20, 4096] x [4096, 11008]
+# product, 96 with level 4 (scripts/bench_cpu.py --matmuls).
 EXTERNAL_BYTES = 1024 * 1024  # initializers this large go to <graph>.onnx.data (jax2onnx's threshold)
 FILES = {
     "encoder": "encoder.onnx",
@@ -52,20 +48,6 @@ FILES = {
     "embeddings": "embeddings.npy",
     "tokenizer": "tokenizer.model",
 }
-
-
-def load(ckpt_dir: str | os.PathLike, dtype: str = "float32") -> tuple[Recognizer, Any]:
-    """The checkpoint's model and params, with the weights in `dtype` and float32 activations.
-
-    float16 weights halve the files; the graphs cast them to float32 where they are used (ONNX
-    Runtime folds those casts when it loads the graph), because neither ONNX Runtime's CPU
-    kernels nor XLA's CPU backend multiply float16 matrices.
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"expected dtype in {sorted(DTYPES)}, found {dtype!r}")
-    config = checkpoint.load_config(ckpt_dir)
-    model = Recognizer(config, dtype=jnp.float32, param_dtype=DTYPES[dtype])
-    return model, checkpoint.load_params(ckpt_dir, checkpoint.abstract_params(model))
 
 
 @contextlib.contextmanager
@@ -247,7 +229,7 @@ def export_checkpoint(
     every graph with JAX; returns the export's config."""
     if quantize not in QUANTIZE:
         raise ValueError(f"expected quantize in {QUANTIZE}, found {quantize!r}")
-    model, params = load(ckpt_dir, dtype)
+    model, params = graphs.load(ckpt_dir, dtype)
     source = os.fspath(checkpoint.as_path(ckpt_dir))
     config = export_model(model, params, checkpoint.tokenizer_path(ckpt_dir), out_dir, opset=opset, source=source, log=log)
     if quantize != "none":

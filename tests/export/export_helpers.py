@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -12,15 +15,28 @@ import numpy as np
 from PIL import Image
 
 from nxtp_jax import checkpoint
+from nxtp_jax.cli.export import export_command
+from nxtp_jax.cli.tag import tag_command
 from nxtp_jax.tokenizer import Tokenizer
 from tiny_models import random_images, tiny_recognizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+Result = collections.namedtuple("Result", "returncode stdout stderr")
+
+
 def run(cmd: list, python: str = sys.executable, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([python, *map(str, cmd)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def in_process(command, *args) -> Result:
+    """A command of nxtp_jax.cli run in this process: its exit status and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = command([str(a) for a in args])
+    return Result(status, out.getvalue(), err.getvalue())
 
 
 def tiny_checkpoint(out: pathlib.Path, sp_model_path, **kw) -> pathlib.Path:
@@ -38,9 +54,16 @@ def write_images(directory: pathlib.Path, n: int, size: int, seed: int = 3) -> l
     return paths
 
 
-def export(ckpt: pathlib.Path, out: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
-    res = run([ROOT / "convert" / "to_onnx.py", "--ckpt", ckpt, "--out", out, *extra])
+def export(ckpt: pathlib.Path, out: pathlib.Path, *extra: str) -> Result:
+    res = in_process(export_command, f"--ckpt={ckpt}", f"--out={out}", *extra)
     assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def tag(ckpt: pathlib.Path, *args) -> Result:
+    """nxtp-tag --ckpt=CKPT ARGS in this process: the JAX reference the runner must print."""
+    res = in_process(tag_command, f"--ckpt={ckpt}", *args)
+    assert res.returncode == 0, res.stderr
     return res
 
 

@@ -1,6 +1,6 @@
-"""ONNX export (convert/to_onnx.py) and the JAX-free runner (convert/onnx_infer.py) against JAX.
+"""ONNX export (nxtp-export) and the JAX-free runner (convert/onnx_infer.py) against JAX.
 
-The reference is always the JAX path (`nxtp_jax.infer`, `Tagger`, `sampling.one_shot`), which
+The reference is always the JAX path (`nxtp-tag`, `Tagger`, `sampling.one_shot`), which
 shares no code with the runner's sampling loop or with the exported graphs' wiring.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 import pytest
 
-from export_helpers import ROOT, assert_same_predictions, export, infer_json, run, tiny_checkpoint, write_images
+from export_helpers import ROOT, assert_same_predictions, export, in_process, infer_json, run, tag, tiny_checkpoint, write_images
 from nxtp_jax import checkpoint, prompts
+from nxtp_jax.cli.export import export_command
 from nxtp_jax.inference import sampling
 from nxtp_jax.export import onnx_export
 from nxtp_jax.export.ort_tagger import OrtTagger
@@ -155,13 +156,13 @@ def test_recompute_equals_cached(capped, images):
 def test_runner_without_jax_prints_what_nxtp_infer_prints(ended, images, ort_python):
     ckpt, onnx_dir, _ = ended
     got = infer_json(ort_python, [RUNNER, "--onnx_dir", onnx_dir, "--num_labels", 5, "--json", *images])
-    want = infer_json(sys.executable, ["-m", "nxtp_jax.infer", f"--ckpt={ckpt}", "--num_labels=5", "--json", *images])
+    want = json.loads(tag(ckpt, "--num_labels=5", "--json", *images).stdout)
     assert_same_predictions(got, want)
     assert any(len(g["labels"]) >= 2 for g in got)
 
     text = run([RUNNER, "--onnx_dir", onnx_dir, "--num_labels", 5, *images[:2]], python=ort_python)
-    want_text = run(["-m", "nxtp_jax.infer", f"--ckpt={ckpt}", "--num_labels=5", *images[:2]])
-    assert text.returncode == 0 and want_text.returncode == 0, text.stderr + want_text.stderr
+    want_text = tag(ckpt, "--num_labels=5", *images[:2])
+    assert text.returncode == 0, text.stderr
     got_lines, want_lines = text.stdout.splitlines(), want_text.stdout.splitlines()
     assert len(got_lines) == len(want_lines)
     for g, w in zip(got_lines, want_lines):
@@ -199,10 +200,7 @@ def test_runner_vocab_and_min_prob_flags_print_what_nxtp_infer_prints(ended, ima
     vocab.write_text("\n".join(VOCAB) + "\n")
     flags = ["--num_labels", 5, "--min_prob", 0.05, "--vocab", vocab, "--json"]
     got = infer_json(ort_python, [RUNNER, "--onnx_dir", onnx_dir, *flags, *images])
-    want = infer_json(
-        sys.executable,
-        ["-m", "nxtp_jax.infer", f"--ckpt={ckpt}", "--num_labels=5", "--min_prob=0.05", f"--vocab={vocab}", "--json", *images],
-    )
+    want = json.loads(tag(ckpt, "--num_labels=5", "--min_prob=0.05", f"--vocab={vocab}", "--json", *images).stdout)
     assert_same_predictions(got, want)
     labels = [entry for g in got for entry in g["labels"]]
     assert labels and all(entry["label"] in VOCAB and entry["prob"] >= 0.05 for entry in labels)
@@ -223,10 +221,12 @@ def test_float16_weights_match_jax_with_float16_weights(tmp_path, ended, images)
 
 def test_errors_name_the_problem(tmp_path, ended, images, ort_python):
     ckpt, onnx_dir, _ = ended
-    res = run([ROOT / "convert" / "to_onnx.py", "--ckpt", tmp_path / "nothing", "--out", tmp_path / "o"])
+    res = subprocess.run(["nxtp-export", f"--ckpt={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}"], capture_output=True, text=True)
     assert res.returncode == 1 and "config.json not found" in res.stderr and "Traceback" not in res.stderr
-    res = run([ROOT / "convert" / "to_onnx.py", "--ckpt", ckpt, "--out", onnx_dir])
+    res = in_process(export_command, f"--ckpt={ckpt}", f"--out={onnx_dir}")
     assert res.returncode == 1 and "already exists" in res.stderr
+    res = in_process(export_command, f"--ckpt={ckpt}", f"--out={tmp_path / 'o'}", "--quantize=int2")
+    assert res.returncode == 2 and "--quantize" in res.stderr and not (tmp_path / "o").exists()
     res = run([RUNNER, "--onnx_dir", tmp_path, images[0]], python=ort_python)
     assert res.returncode == 1 and "convert/to_onnx.py" in res.stderr and "Traceback" not in res.stderr
     res = run([RUNNER, "--onnx_dir", onnx_dir, tmp_path / "missing.png"], python=ort_python)

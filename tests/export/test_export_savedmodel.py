@@ -1,4 +1,4 @@
-"""TF SavedModel (convert/to_savedmodel.py): TF's outputs equal JAX's, the cache included.
+"""TF SavedModel (convert/to_savedmodel.py, nxtp_jax/cli/savedmodel.py): TF's outputs equal JAX's, the cache included.
 
 The expected values come from the Recognizer directly (image tokens, and the decoder without a
 cache over the whole sequence), not from the exported graph functions.
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from export_helpers import ROOT, run, tiny_checkpoint
+from export_helpers import in_process, run, tiny_checkpoint
+from nxtp_jax.cli.savedmodel import savedmodel_command
 from nxtp_jax.models import mask
 from nxtp_jax.inference import sampling
 from nxtp_jax.data import preprocess
@@ -23,7 +24,7 @@ from tiny_models import random_images
 
 def test_savedmodel_outputs_equal_jax(tmp_path, sp_model_path):
     ckpt = tiny_checkpoint(tmp_path / "ckpt", sp_model_path, seed=2)
-    res = run([ROOT / "convert" / "to_savedmodel.py", "--ckpt", ckpt, "--out", tmp_path / "sm"])
+    res = in_process(savedmodel_command, f"--ckpt={ckpt}", f"--out={tmp_path / 'sm'}")
     assert res.returncode == 0, res.stderr
     diffs = [float(d) for d in re.findall(r"TF vs JAX, .*: max abs diff (\S+)", res.stdout)]
     assert len(diffs) == 5 and max(diffs) < 1e-4
@@ -57,9 +58,15 @@ def test_savedmodel_outputs_equal_jax(tmp_path, sp_model_path):
     np.testing.assert_allclose(out["logits"].numpy()[:, 0], want[:, t0], rtol=0, atol=1e-4)
 
 
-def test_savedmodel_refuses_a_non_empty_directory(tmp_path, sp_model_path):
+def test_savedmodel_command_without_jax2onnx_refuses_a_non_empty_directory(tmp_path, sp_model_path):
+    """In a process where jax2onnx and onnx cannot be imported: the savedmodel extra alone runs the command."""
     ckpt = tiny_checkpoint(tmp_path / "ckpt", sp_model_path)
     (tmp_path / "sm").mkdir()
     (tmp_path / "sm" / "x").write_text("")
-    res = run([ROOT / "convert" / "to_savedmodel.py", "--ckpt", ckpt, "--out", tmp_path / "sm"])
-    assert res.returncode == 1 and "not empty" in res.stderr and "Traceback" not in res.stderr
+    script = (
+        "import sys; sys.modules['jax2onnx'] = sys.modules['onnx'] = None\n"
+        "from nxtp_jax.cli.savedmodel import savedmodel_command\n"
+        "sys.exit(savedmodel_command(sys.argv[1:]))\n"
+    )
+    res = run(["-c", script, f"--ckpt={ckpt}", f"--out={tmp_path / 'sm'}"])
+    assert res.returncode == 1 and "not empty" in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -3,7 +3,7 @@
 Sources: OpenAI's TorchScript CLIP archive, Meta's LLaMA directory (params.json +
 consolidated.00.pth, whose weights the checkpoint overrides) and an nxtp checkpoint that
 holds only the trained params under `module.` keys. Our side is the whole pipeline:
-`convert/from_torch.py` (a subprocess) -> `Tagger.load` -> `predict` / `loss`. The other
+`nxtp-convert` (in process) -> `Tagger.load` -> `predict` / `loss`. The other
 side is `original_reference`, a torch restatement of the original's code path that reads
 the same files directly.
 
@@ -14,10 +14,9 @@ branches end after a few tokens and some decode to the same text and are merged.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import io
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,9 +25,9 @@ from PIL import Image
 
 import original_reference as ref
 import torch_layouts as tl
+from nxtp_jax.cli.convert import convert_command
 from nxtp_jax.inference.tagger import Tagger
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 V = 400  # the sentencepiece vocabulary of the `sp_model_path` fixture
 CLIP = dict(width=128, layers=3, patch=8, resolution=32)
 TRAINED_CLIP_BLOCKS = (1, 2)  # the last blocks, as 18..23 of ViT-L/14
@@ -84,13 +83,12 @@ def boost_delimiter(state: dict, tokenizer: ref.Tokenizer, direction: torch.Tens
 
 
 def run_converter(sources: dict, nxtp_ckpt: pathlib.Path, out: pathlib.Path) -> None:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, str(ROOT / "convert" / "from_torch.py"), "--clip", str(sources["clip"]),
-           "--llama-dir", str(sources["llama"]), "--tokenizer", str(sources["tokenizer"]),
-           "--nxtp-ckpt", str(nxtp_ckpt), "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "initialised fresh: nothing" in res.stdout, res.stdout
+    args = [f"--clip={sources['clip']}", f"--llama_dir={sources['llama']}", f"--tokenizer={sources['tokenizer']}",
+            f"--nxtp_ckpt={nxtp_ckpt}", f"--out={out}"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert convert_command(args) == 0
+    assert "initialised fresh: nothing" in stdout.getvalue(), stdout.getvalue()
 
 
 @pytest.fixture(scope="module")

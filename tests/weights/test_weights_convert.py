@@ -1,12 +1,12 @@
-"""End to end: `convert/from_torch.py` turns torch checkpoints in the released layouts into a
+"""End to end: `nxtp-convert` turns torch checkpoints in the released layouts into a
 checkpoint directory that `nxtp_jax.checkpoint` loads back with no other input."""
 
 from __future__ import annotations
 
-import os
+import collections
 import pathlib
+import shlex
 import subprocess
-import sys
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -16,19 +16,23 @@ import torch
 
 import torch_layouts as tl
 from nxtp_jax import checkpoint
+from nxtp_jax.cli.convert import convert_command
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.weights import WeightImportError, convert
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 V = 400
 DIMS = dict(dim=64, n_heads=4, n_kv_heads=2, vocab_size=V, multiple_of=32)
 CLIP = dict(width=128, layers=2, patch=4, resolution=16)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, str(ROOT / "convert" / "from_torch.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+Result = collections.namedtuple("Result", "returncode stdout stderr")
+
+
+def run_cli(capsys, **flags) -> Result:
+    """nxtp-convert --NAME=VALUE ... in process: its exit status and what it printed."""
+    status = convert_command([f"--{name}={value}" for name, value in flags.items()])
+    out = capsys.readouterr()
+    return Result(status, out.out, out.err)
 
 
 def load(ckpt_dir, param_dtype=jnp.float32) -> tuple:
@@ -101,10 +105,11 @@ def sources(tmp_path_factory, sp_model_path):
                 llama=root / "llama", meta_state=meta_state)
 
 
-def test_cli_meta_llama_and_openai_clip(sources, tmp_path):
+def test_nxtp_convert_console_script_meta_llama_and_openai_clip(sources, tmp_path):
     out = tmp_path / "ckpt"
-    res = run_cli("--clip", sources["clip"], "--llama-dir", sources["llama"], "--tokenizer", sources["tokenizer"],
-                  "--layers", 2, "--seed", 7, "--out", out)
+    args = [f"--clip={sources['clip']}", f"--llama_dir={sources['llama']}", f"--tokenizer={sources['tokenizer']}", "--layers=2",
+            "--seed=7", f"--out={out}"]
+    res = subprocess.run(["nxtp-convert", *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "clip: kept 31 keys, dropped 22" in res.stdout
     assert "llama: kept 21 keys, dropped 10" in res.stdout
@@ -135,7 +140,7 @@ def test_cli_meta_llama_and_openai_clip(sources, tmp_path):
     assert meta["seed"] == 7
 
 
-def test_cli_released_nxtp_checkpoint_over_clip_with_params_json_only(sources, tmp_path):
+def test_cli_released_nxtp_checkpoint_over_clip_with_params_json_only(sources, tmp_path, capsys):
     llama_dir = tmp_path / "llama-params-only"
     tl.write_meta_llama_dir(llama_dir, n_layers=32, write_weights=False, **DIMS)
     assert not list(llama_dir.glob("*.pth"))
@@ -144,8 +149,7 @@ def test_cli_released_nxtp_checkpoint_over_clip_with_params_json_only(sources, t
     assert all(k.startswith("module.") for k in written)
 
     out = tmp_path / "ckpt"
-    res = run_cli("--clip", sources["clip"], "--llama-dir", llama_dir, "--tokenizer", sources["tokenizer"],
-                  "--nxtp-ckpt", tmp_path / "ckpt_epoch_03_iter_0021360.pth", "--out", out)
+    res = run_cli(capsys, clip=sources["clip"], llama_dir=llama_dir, tokenizer=sources["tokenizer"], nxtp_ckpt=tmp_path / "ckpt_epoch_03_iter_0021360.pth", out=out)
     assert res.returncode == 0, res.stderr
     assert f"nxtp: kept {len(nxtp_state)} keys, dropped 0" in res.stdout
     assert "llama: kept 0 keys, dropped 0 (no weight files read)" in res.stdout
@@ -187,11 +191,10 @@ def test_nxtp_checkpoint_missing_a_decoder_param_needs_the_llama_weights(sources
     np.testing.assert_array_equal(conv.params["language_decoder"]["norm"]["weight"], f32(sources["meta_state"]["norm.weight"]))
 
 
-def test_cli_hf_layout_in_bfloat16(sources, tmp_path):
+def test_cli_hf_layout_in_bfloat16(sources, tmp_path, capsys):
     hf_state = tl.write_hf_llama_dir(tmp_path / "hf", n_layers=2, n_kv_heads=2, seed=6)
     out = tmp_path / "ckpt"
-    res = run_cli("--clip", sources["clip"], "--llama-hf-dir", tmp_path / "hf", "--tokenizer", sources["tokenizer"],
-                  "--layers", 1, "--dtype", "bfloat16", "--out", out)
+    res = run_cli(capsys, clip=sources["clip"], llama_hf_dir=tmp_path / "hf", tokenizer=sources["tokenizer"], layers=1, dtype="bfloat16", out=out)
     assert res.returncode == 0, res.stderr
     _, params = load(out, param_dtype=jnp.bfloat16)
     wv = get(params, ("language_decoder", "layers_0", "attention", "wv", "kernel"))
@@ -201,12 +204,11 @@ def test_cli_hf_layout_in_bfloat16(sources, tmp_path):
     assert "layers_1" not in params["language_decoder"]
 
 
-def test_cli_llama_dir_pointed_at_a_hugging_face_folder_reads_it_as_one(sources, tmp_path):
+def test_cli_llama_dir_pointed_at_a_hugging_face_folder_reads_it_as_one(sources, tmp_path, capsys):
     hf_state = tl.write_hf_llama_dir(tmp_path / "hf", n_layers=2, n_kv_heads=2, seed=6)
     assert not (tmp_path / "hf" / "params.json").exists()
     out = tmp_path / "ckpt"
-    res = run_cli("--clip", sources["clip"], "--llama-dir", tmp_path / "hf", "--tokenizer", sources["tokenizer"],
-                  "--layers", 1, "--out", out)
+    res = run_cli(capsys, clip=sources["clip"], llama_dir=tmp_path / "hf", tokenizer=sources["tokenizer"], layers=1, out=out)
     assert res.returncode == 0, res.stderr
     assert "reading it as the Hugging Face layout (--llama_hf_dir)" in res.stderr
     _, params = load(out)
@@ -224,10 +226,28 @@ def test_other_image_size_gets_a_fresh_positional_embedding(sources):
     assert "vision_encoder/positional_embedding" in conv.fresh
 
 
-def test_cli_errors_are_reported_without_traceback(sources, tmp_path):
-    res = run_cli("--clip", tmp_path / "missing.pt", "--llama-dir", sources["llama"], "--tokenizer", sources["tokenizer"],
-                  "--layers", 1, "--out", tmp_path / "ckpt")
+def test_cli_errors_are_reported_without_traceback(sources, tmp_path, capsys):
+    res = run_cli(capsys, clip=tmp_path / "missing.pt", llama_dir=sources["llama"], tokenizer=sources["tokenizer"], layers=1, out=tmp_path / "ckpt")
     assert res.returncode == 1 and "missing.pt" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("--clip", sources["clip"], "--llama-dir", sources["llama"], "--tokenizer", sources["tokenizer"],
-                  "--out", tmp_path / "ckpt")
+    res = run_cli(capsys, clip=sources["clip"], llama_dir=sources["llama"], tokenizer=sources["tokenizer"], out=tmp_path / "ckpt")
     assert res.returncode == 1 and "--layers" in res.stderr
+
+
+def test_cli_usage_errors_exit_2_without_writing(sources, tmp_path, capsys):
+    common = dict(clip=sources["clip"], tokenizer=sources["tokenizer"], layers=1, out=tmp_path / "ckpt")
+    res = run_cli(capsys, **common, llama_dir=sources["llama"], llama_hf_dir=sources["llama"])
+    assert res.returncode == 2 and "llama_dir" in res.stderr and "llama_hf_dir" in res.stderr, res.stderr
+    res = run_cli(capsys, **common)
+    assert res.returncode == 2 and "llama_dir" in res.stderr, res.stderr
+    assert convert_command([f"--{k}={v}" for k, v in common.items()] + [f"--llama-dir={sources['llama']}"]) == 2
+    assert "Unknown command line flag 'llama-dir'" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_convert_hint_parses_with_the_converters_flags():
+    prog, *args = shlex.split(checkpoint.CONVERT_COMMAND)
+    assert prog == convert_command.prog
+    fv = convert_command.flag_values(args)
+    fv([prog, *args])  # raises on an unknown flag, a missing required one, or both LLaMA layouts
+    assert (fv.clip, fv.llama_dir, fv.llama_hf_dir, fv.tokenizer, fv.layers, fv.out) == (
+        "ViT-L-14.pt", "llama-2-7b", None, "tokenizer.model", 6, "DIR")

@@ -8,7 +8,6 @@ first shown to be live (torch.jit.load / pickle.loads run it), so these tests ca
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import pickle
 import shutil
@@ -24,11 +23,11 @@ from torch import nn
 
 import torch_layouts as tl
 from nxtp_jax import checkpoint
+from nxtp_jax.cli.convert import convert_command
 from nxtp_jax.errors import CheckpointError
 from nxtp_jax.weights import WeightImportError, convert
 from nxtp_jax.weights.torchscript import read_state_dict
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 DIMS = dict(dim=64, n_heads=4, n_kv_heads=2, vocab_size=400, multiple_of=32)
 CLIP = dict(width=128, layers=2, patch=4, resolution=16)
 PLANTED = "PLANTED-SETSTATE-RAN"
@@ -224,26 +223,21 @@ def test_damaged_weights_are_refused_naming_the_tensor(make, found, llama, good_
     assert key in str(info.value)
 
 
-def _run_cli(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, str(ROOT / "convert" / "from_torch.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-
-
-def test_cli_nan_weights_and_unusable_out_are_one_line_errors(llama, good_clip, sp_model_path, tmp_path):
+def test_cli_nan_weights_and_unusable_out_are_one_line_errors(llama, good_clip, sp_model_path, tmp_path, capsys):
     key = "layers.0.feed_forward.w1.weight"
     original = torch.load(llama / "consolidated.00.pth", weights_only=True)[key]
     bad = _llama_with(llama, tmp_path / "nan", key, torch.full_like(original, float("nan")))
-    common = ("--clip", good_clip, "--tokenizer", sp_model_path, "--layers", 1)
-    res = _run_cli(*common, "--llama-dir", bad, "--out", tmp_path / "out")
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.strip().startswith("error: ") and key in res.stderr and "non-finite" in res.stderr
+    common = [f"--clip={good_clip}", f"--tokenizer={sp_model_path}", "--layers=1"]
+    assert convert_command([*common, f"--llama_dir={bad}", f"--out={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().startswith("error: ") and key in err and "non-finite" in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
     (tmp_path / "a_file").write_text("x")
-    res = _run_cli(*common, "--llama-dir", llama, "--out", tmp_path / "a_file")
-    assert res.returncode == 1 and "Traceback" not in res.stderr and "found a file" in res.stderr, res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1 and (tmp_path / "a_file").read_text() == "x"
+    assert convert_command([*common, f"--llama_dir={llama}", f"--out={tmp_path / 'a_file'}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "found a file" in err, err
+    assert len(err.strip().splitlines()) == 1 and (tmp_path / "a_file").read_text() == "x"
 
 
 def test_checkpoint_save_refuses_a_non_empty_dir_and_writes_whole(sp_model_path, tmp_path):
