@@ -1,6 +1,6 @@
 """`python -m nxtp_jax.serve`: serve a checkpoint over HTTP.
 
-    python -m nxtp_jax.serve --ckpt=DIR [--host=127.0.0.1] [--port=8080] [--vocab=NAME:FILE ...]
+    python -m nxtp_jax.serve --ckpt=DIR|--model=g3m [--host=127.0.0.1] [--port=8080] [--vocab=NAME:FILE ...]
         [--max_batch=8] [--max_wait_ms=5] [--max_num_labels=20] [--api_key_file=FILE] ...
 
 Needs the `serve` extra: `pip install -e ".[serve]"`. Endpoints, limits and the memory
@@ -14,6 +14,7 @@ from typing import Sequence
 
 from absl import flags, logging
 
+from nxtp_jax.cli import model_flag
 from nxtp_jax.cli.command import Command, UsageError
 
 
@@ -21,7 +22,7 @@ def define(fv: flags.FlagValues, argv: list[str]) -> None:
     def positive(name: str, what: str) -> None:
         flags.register_validator(name, lambda v: v > 0, message=f"{what} must be > 0", flag_values=fv)
 
-    flags.DEFINE_string("ckpt", None, "Checkpoint directory (from nxtp-convert or training).", flag_values=fv, required=True)
+    model_flag.define(fv)
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.", flag_values=fv)
     flags.DEFINE_integer("port", 8080, "Port to listen on.", lower_bound=1, upper_bound=65535, flag_values=fv)
     flags.DEFINE_multi_string(
@@ -107,7 +108,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
         max_body_bytes=int(fv.max_body_mb * 2**20), max_pixels=fv.max_pixels, max_images=fv.max_images,
         max_queue=fv.max_queue, decode_threads=fv.decode_threads, timeout_s=fv.timeout_s,
     )
-    tagger = Tagger.load(fv.ckpt, batch_size=fv.max_batch)
+    tagger = Tagger.load(model_flag.resolve(fv), batch_size=fv.max_batch)
     service = Service(
         tagger, vocabs=vocabs, max_batch=fv.max_batch, max_wait_ms=fv.max_wait_ms, max_num_labels=fv.max_num_labels,
         limits=limits,

@@ -1,5 +1,6 @@
 """`nxtp-tag` (or `python -m nxtp_jax.infer`): tag images from the command line.
 
+    nxtp-tag --model=g3m photo.jpg        # the released model: downloaded and converted on first use
     nxtp-tag --ckpt=DIR --num_labels=20 [--json] IMAGE [IMAGE ...]
     nxtp-tag --ckpt=DIR --num_labels=K --output=OUT.jsonl INPUT [INPUT ...]
     nxtp-tag --ckpt=DIR --save_attention_maps=MAPS IMAGE [IMAGE ...]
@@ -23,11 +24,12 @@ import traceback
 from absl import flags, logging
 
 from nxtp_jax.choices import DEFAULT_NUM_LABELS, QUANTIZE, RANKINGS
+from nxtp_jax.cli import model_flag
 from nxtp_jax.cli.command import Command, UsageError
 
 
 def define(fv: flags.FlagValues, argv: list[str]) -> None:
-    flags.DEFINE_string("ckpt", None, "Checkpoint directory (from nxtp-convert or training).", flag_values=fv, required=True)
+    model_flag.define(fv)
     flags.DEFINE_integer("num_labels", DEFAULT_NUM_LABELS, "k of the one-shot sampling: labels per image.", lower_bound=1, flag_values=fv)
     flags.DEFINE_bool("json", False, "Print JSON instead of the original's text lines.", flag_values=fv)
     flags.DEFINE_enum("ranking", "prob", list(RANKINGS), "How labels are ranked.", flag_values=fv)
@@ -68,7 +70,7 @@ def body(fv: flags.FlagValues, paths: list[str]) -> int:
 def load_tagger(fv: flags.FlagValues):
     from nxtp_jax.inference.tagger import Tagger
 
-    return Tagger.load(fv.ckpt, batch_size=fv.batch_size, quantize=fv.quantize)
+    return Tagger.load(model_flag.resolve(fv), batch_size=fv.batch_size, quantize=fv.quantize)
 
 
 def tag(fv: flags.FlagValues, paths: list[str]) -> int:

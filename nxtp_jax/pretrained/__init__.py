@@ -264,7 +264,7 @@ def _local(key: str, path: pathlib.Path) -> tuple[str, dict[str, str]]:
     return str(path), {"source": str(path.resolve()), "sha256": h["sha256"], "md5": h["md5"]}
 
 
-def _convert(card: dict[str, Any], out: pathlib.Path, llama_dir: pathlib.Path | None, tokenizer: pathlib.Path | None) -> None:
+def _convert(card: dict[str, Any], out: str | os.PathLike, llama_dir: pathlib.Path | None, tokenizer: pathlib.Path | None) -> None:
     files: dict[str, tuple[str, dict[str, str]]] = {}
     for key in INPUTS:
         if key == "tokenizer" and (tokenizer or (llama_dir and (llama_dir / "tokenizer.model").is_file())):
@@ -300,23 +300,42 @@ def resolve(
     cache_dir: str | os.PathLike | None = None,
     llama_dir: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
-) -> pathlib.Path:
-    """NAME | CARD.json | DIR -> a converted checkpoint directory (a DIR is returned as it is).
+) -> str:
+    """NAME | CARD.json | DIR -> the path of a converted checkpoint directory (a DIR, local or gs://, as it is).
 
     A card's model is downloaded, checked and converted into `cache_dir` (default
     `$NXTP_JAX_CACHE`, else ~/.cache/nxtp_jax) on first use; later uses read it directly.
     `llama_dir` (Meta's or Hugging Face's LLaMA-2 folder) and `tokenizer` stand in for the gated
     Hub files. The model's licence is printed once per process.
     """
-    if os.path.isdir(model):
-        return pathlib.Path(model)
-    card = load_card(model)
+    text = os.fspath(model)
+    if "://" in text or os.path.isdir(text):
+        return text
+    card = load_card(text)
     _print_licence(card)
     out = pathlib.Path(cache_dir or cache_root()) / card["name"]
-    if _ready(out, card):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(f"{out}.lock"):
-        if not _ready(out, card):  # another process may have converted it meanwhile
-            _convert(card, out, pathlib.Path(llama_dir) if llama_dir else None, pathlib.Path(tokenizer) if tokenizer else None)
-    return out
+    if not _ready(out, card):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(f"{out}.lock"):
+            if not _ready(out, card):  # another process may have converted it meanwhile
+                _convert(card, out, _optional_path(llama_dir), _optional_path(tokenizer))
+    return str(out)
+
+
+def convert_into(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    llama_dir: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+) -> None:
+    """Downloads (or reuses the Hub cache), checks and converts a released model into `out` (new or empty; gs:// works)."""
+    if os.path.isdir(model):
+        raise NxtpError(f"expected a released model ({', '.join(names())}) or a model card .json, found the directory {os.fspath(model)!r}")
+    card = load_card(model)
+    _print_licence(card)
+    _convert(card, out, _optional_path(llama_dir), _optional_path(tokenizer))
+
+
+def _optional_path(path: str | os.PathLike | None) -> pathlib.Path | None:
+    return pathlib.Path(path) if path else None

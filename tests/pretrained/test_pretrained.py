@@ -31,7 +31,7 @@ def tags(ckpt_dir) -> list:
 
 def test_first_use_downloads_converts_and_tags_as_the_converter_route_does(hub, card, release_files, tmp_path, capsys):
     out = pretrained.resolve(card)
-    assert out == tmp_path / "nxtp" / "tiny"
+    assert out == str(tmp_path / "nxtp" / "tiny")
     assert sorted(hub.downloads()) == sorted([CKPT_GET, CLIP_PATH, f"/{LLAMA}/resolve/{json.loads(card.read_text())['tokenizer']['revision']}/tokenizer.model",
                                               f"/{LLAMA}/resolve/{json.loads(card.read_text())['tokenizer']['revision']}/config.json"])
     assert "tiny: licence: CC-BY-NC 4.0 (test release)" in capsys.readouterr().err
@@ -47,18 +47,19 @@ def test_first_use_downloads_converts_and_tags_as_the_converter_route_does(hub, 
                            nxtp_ckpt=release_files["checkpoint"], layers=2, dtype="float16"),
                    tmp_path / "by_hand", release_files["tokenizer"])
     found, expected = tags(out), tags(by_hand)
+    assert found[0]
     assert [[label for label, _ in t] for t in found] == [[label for label, _ in t] for t in expected]
     np.testing.assert_allclose([[p for _, p in t] for t in found], [[p for _, p in t] for t in expected], atol=1e-6)
 
 
 def test_second_use_sends_no_request_and_converts_nothing(hub, card, monkeypatch, capsys):
     out = pretrained.resolve(card)
-    written = (out / "config.json").stat().st_mtime_ns
+    written = (pathlib.Path(out) / "config.json").stat().st_mtime_ns
     hub.log.clear()
     monkeypatch.setattr(pretrained, "convert", lambda **kw: pytest.fail("converted again"))
     assert pretrained.resolve(card) == out
     assert hub.log == []
-    assert (out / "config.json").stat().st_mtime_ns == written
+    assert (pathlib.Path(out) / "config.json").stat().st_mtime_ns == written
     assert capsys.readouterr().err.count("licence:") == 1  # once per model and process
 
 
@@ -126,7 +127,7 @@ def test_offline_with_a_warm_hub_cache_converts_without_a_request(hub, card, tmp
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub.log.clear()
     out = pretrained.resolve(card)
-    assert out == tmp_path / "other" / "tiny" and hub.log == []
+    assert out == str(tmp_path / "other" / "tiny") and hub.log == []
     assert checkpoint.read_meta(out)["release"] == meta["release"]
 
 
@@ -157,8 +158,9 @@ def test_a_cache_made_from_another_card_is_not_used(hub, card, release_files, tm
         pretrained.resolve(other)
 
 
-def test_a_directory_is_returned_as_it_is_and_an_unknown_name_is_refused(tmp_path):
-    assert pretrained.resolve(tmp_path) == tmp_path
+def test_a_local_or_gs_directory_is_returned_as_it_is_and_an_unknown_name_is_refused(tmp_path):
+    assert pretrained.resolve(tmp_path) == str(tmp_path)
+    assert pretrained.resolve("gs://bucket/ckpt") == "gs://bucket/ckpt"
     with pytest.raises(NxtpError, match=r"expected a released model \(g3m, g70m\), a model card .json or a checkpoint directory, found 'g4m'"):
         pretrained.resolve("g4m")
 

@@ -1,0 +1,41 @@
+"""`--model=NAME|CARD.json|DIR` in the commands, run in process against the local Hub."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from nxtp_jax import pretrained
+from nxtp_jax.cli.tag import tag_command
+from nxtp_jax.inference.tagger import Tagger
+from tiny_models import random_images
+
+
+def test_nxtp_tag_model_card_tags_as_from_pretrained_and_prints_the_licence(hub, card, tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    Image.fromarray(random_images(1, 16, seed=5)[0]).save(image)
+    assert tag_command([f"--model={card}", "--json", "--num_labels=5", str(image)]) == 0
+    out, err = capsys.readouterr()
+    found = json.loads(out)[0]["labels"]
+    assert "tiny: licence: CC-BY-NC 4.0 (test release)" in err
+    expected = Tagger.from_pretrained(card).predict([str(image)], num_labels=5)[0]
+    assert [x["label"] for x in found] == [label for label, _ in expected] and found
+    np.testing.assert_allclose([x["prob"] for x in found], [p for _, p in expected], atol=1e-6)
+    # --ckpt takes the converted directory (the DIR form) and gives the same labels.
+    assert tag_command([f"--ckpt={pretrained.resolve(card)}", "--json", "--num_labels=5", str(image)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["labels"] == found
+
+
+def test_nxtp_tag_gated_llama_is_one_error_line(hub, card, tmp_path, capsys):
+    hub.gated.add("meta-llama/Llama-2-7b-hf")
+    image = tmp_path / "photo.png"
+    Image.fromarray(random_images(1, 16)[0]).save(image)
+    assert tag_command([f"--model={card}", str(image)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: tokenizer: meta-llama/Llama-2-7b-hf answered 401: it is gated; accept its licence at "
+        "https://huggingface.co/meta-llama/Llama-2-7b-hf , then run `huggingface-cli login` (or set HF_TOKEN) or pass "
+        "local copies with --llama_dir DIR and --tokenizer FILE"
+    ]
