@@ -78,7 +78,7 @@ def servers(tiny_ckpt, tmp_path_factory) -> dict[str, str]:
     vocab.write_text("\n".join(VOCAB) + "\n")
     started = {
         "main": Server(tiny_ckpt, "--max_batch=4", "--max_wait_ms=50", "--max_num_labels=8", "--max_body_mb=1",
-                       "--max_pixels=1000000", "--max_queue=64", log=d / "main.log"),
+                       "--max_pixels=1000000", "--max_queue=64", "--max_images=3", log=d / "main.log"),
         "slow": Server(tiny_ckpt, "--max_batch=2", "--max_wait_ms=1500", "--max_num_labels=8", "--max_queue=1",
                        "--timeout_s=4", f"--vocab=words:{vocab}", log=d / "slow.log"),
     }

@@ -8,10 +8,12 @@ import json
 import re
 import socket
 import struct
+import time
 import zlib
 
 import httpx
 import numpy as np
+import openapi_spec_validator
 import pytest
 from PIL import Image
 
@@ -182,7 +184,10 @@ def test_32_concurrent_clients_are_batched_without_changing_answers(server, serv
         assert_same_labels(res.json(), expected(i, k))
     new_batches = metric(server, "nxtp_batch_size_count") - batches
     assert metric(server, "nxtp_batch_size_sum") - images == 32
-    assert new_batches < 32  # some requests shared a device batch
+    # Batches of at most --max_batch=4 (the exact batches are tests/serve/test_batcher.py's):
+    # at least 8 device calls, and fewer than 32, so some requests shared one.
+    assert metric(server, 'nxtp_batch_size_bucket{le="4.0"}') - batches == new_batches
+    assert 8 <= new_batches < 32
     assert metric(server, "nxtp_jit_compilations_total") == compiled  # nothing compiled while serving
     assert metric(server, 'nxtp_requests_total{endpoint="tag",status="200"}') >= 32
 
@@ -194,7 +199,7 @@ def test_full_queue_answers_503_with_retry_after(servers, serve_images, expected
     assert sorted(r.status_code for r in answers) == [200, 503, 503, 503]
     for i, res in enumerate(answers):
         if res.status_code == 503:
-            assert res.headers["Retry-After"] == "1" and "queue is full" in res.json()["error"]
+            assert res.headers["Retry-After"] == "1" and "the queue is full" in res.json()["error"]
         else:
             assert_same_labels(res.json(), expected(i, 3))
     check_good(url, serve_images, expected)
@@ -214,3 +219,77 @@ def test_a_stalled_upload_times_out_with_504(servers, serve_images, expected):
     assert head.startswith(b"HTTP/1.1 504")
     assert "timed out" in json.loads(body)["error"]
     check_good(url, serve_images, expected)
+
+
+def test_attention_waits_in_the_same_queue_as_tag(servers, serve_images, expected):
+    url = servers["slow"]  # at most 1 image waits; a batch waits 1.5 s for company
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post_image, url, serve_images[0], num_labels=3)
+        time.sleep(0.5)  # the tag image is waiting
+        second = pool.submit(post_image, url, serve_images[1], endpoint="/v1/attention")
+        first, second = first.result(), second.result()
+    assert first.status_code == 200, first.text
+    assert second.status_code == 503 and "the queue is full" in second.json()["error"]
+    check_good(url, serve_images, expected)
+
+
+@pytest.mark.parametrize("query, form, name", [
+    ("num_labels=3&num_labels=5", {}, "'num_labels' is given more than once"),
+    ("vocab=a&vocab=b", {}, "'vocab' is given more than once"),
+    ("min_prob=0.1&min_prob=0.1", {}, "'min_prob' is given more than once"),
+    ("num_labels=3", {"num_labels": "3"}, "'num_labels' is given in the query and in the form"),
+])
+def test_a_repeated_parameter_is_refused(server, serve_images, query, form, name):
+    image = serve_images[0].read_bytes()
+    if form:
+        res = httpx.post(f"{server}/v1/tag?{query}", files={"image": ("x.png", image, "image/png")}, data=form)
+    else:
+        res = httpx.post(f"{server}/v1/tag?{query}", content=image, headers={"Content-Type": "image/png"})
+    assert res.status_code == 400 and name in res.json()["error"], res.text
+
+
+def test_several_images_in_one_request_are_answered_in_order(server, serve_images, expected):
+    order = [2, 0, 1]
+    files = [("image", (f"{i}.png", serve_images[i].read_bytes(), "image/png")) for i in order]
+    res = httpx.post(f"{server}/v1/tag", files=files, data={"num_labels": "3"}, timeout=60)
+    assert res.status_code == 200, res.text
+    assert list(res.json()) == ["results"] and len(res.json()["results"]) == 3
+    for i, answer in zip(order, res.json()["results"]):
+        assert_same_labels(answer, expected(i, 3))
+
+
+def test_limits_per_image_and_per_request_with_several_images(server, serve_images):
+    good = serve_images[0].read_bytes()
+    big = png(np.zeros((1000, 1100, 3), np.uint8))  # above --max_pixels=1000000
+    cases = [
+        ([good] * 4, 400, "at most 3 image(s) per request"),  # --max_images=3
+        ([good, b"not an image", good], 400, "image 2 of 3: image does not decode"),
+        ([good, good, big], 413, "image 3 of 3: image too large"),
+        ([good, bytes(600_000), bytes(600_000)], 413, "above the limit of 1048576 bytes"),  # --max_body_mb=1 in all
+    ]
+    for images, status, words in cases:
+        files = [("image", (f"{n}.png", data, "image/png")) for n, data in enumerate(images)]
+        res = httpx.post(f"{server}/v1/tag", files=files, timeout=60)
+        assert res.status_code == status and words in res.json()["error"], res.text
+    res = httpx.post(f"{server}/v1/attention", files=[("image", ("a.png", good, "image/png"))] * 2)
+    assert res.status_code == 400 and "at most 1 image(s)" in res.json()["error"]
+
+
+def test_openapi_description_is_valid_and_lists_every_route(server):
+    spec = httpx.get(f"{server}/openapi.json").json()
+    openapi_spec_validator.validate(spec)  # raises on an invalid OpenAPI 3.1 document
+    assert spec["openapi"] == "3.1.0"
+    routes = {("/v1/tag", "post"), ("/v1/attention", "post"), ("/v1/info", "get"), ("/healthz", "get"),
+              ("/readyz", "get"), ("/metrics", "get"), ("/openapi.json", "get"), ("/", "get"), ("/static/page.js", "get"),
+              ("/static/page.css", "get")}
+    assert {(path, method) for path, ops in spec["paths"].items() for method in ops} == routes
+    for path, method in routes:  # each one answers as described
+        res = httpx.request(method.upper(), f"{server}{path}")
+        assert str(res.status_code) in spec["paths"][path][method]["responses"], (path, res.status_code)
+    tag = spec["paths"]["/v1/tag"]["post"]
+    params = {p["name"]: p for p in tag["parameters"]}
+    assert set(params) == {"num_labels", "min_prob", "vocab"} and all(p["in"] == "query" for p in params.values())
+    assert params["num_labels"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 8, "default": 8}
+    assert set(tag["requestBody"]["content"]) == {"image/*", "multipart/form-data"}
+    assert {"400", "413", "415", "503", "504"} <= set(tag["responses"])
+    assert spec["paths"]["/v1/attention"]["post"]["parameters"][0]["schema"]["maximum"] == 1  # 2 layers
