@@ -153,7 +153,7 @@ def get_config() -> config_dict.ConfigDict:
     c.tensorboard = True  # write TensorBoard scalars to <workdir>/tensorboard (needs tensorboardX)
 
     c.eval = config_dict.ConfigDict()
-    c.eval.ckpt = ""  # checkpoint dir or training workdir; "" = the current workdir
+    c.eval.ckpt = ""  # checkpoint dir, training workdir or released model (g3m, g70m, a card .json); "" = the workdir
     c.eval.dataset = "coco_valid"  # registry name of the evaluation split
     c.eval.k = 10  # labels per image
     c.eval.strategy = "one_shot"  # one_shot | greedy | beam

@@ -1,7 +1,7 @@
 """The evaluation job (docs/method.md §6): top-k labels for every image of a split, scored with the Semantic F-score.
 
     python -m nxtp_jax.main --config=configs/g3m.py --config.mode=eval \
-        --config.eval.ckpt=DIR --config.eval.dataset=coco_valid
+        --config.eval.ckpt=DIR --config.eval.dataset=coco_valid   # or --config.eval.ckpt=g3m (a released model)
 
 Every process evaluates its share of the split (sample i goes to process i % count) on its
 own devices, with the batch split over them; the last batches are padded and the padding
@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from nxtp_jax import checkpoint, experiment, sharding
+from nxtp_jax import checkpoint, experiment, pretrained, sharding
 from nxtp_jax.evaluation import clip_rerank, metrics
 from nxtp_jax.data import eval_inputs, pipeline, preprocess
 from nxtp_jax.choices import EVAL_RANKINGS
@@ -358,7 +358,8 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, prog
     """Runs config.eval on this process's share of the split; returns the final figures (on every process)."""
     cfg = config.eval
     workdir = checkpoint.as_path(workdir)
-    ckpt = cfg.ckpt or os.fspath(workdir)
+    # A released model's name or card is downloaded and converted on first use (nxtp_jax.pretrained).
+    ckpt = pretrained.resolve(cfg.ckpt) if cfg.ckpt else os.fspath(workdir)
     clip_archive = cfg.clip_archive
     mesh = sharding.local_mesh(int(config.mesh.fsdp), int(config.mesh.tensor))
     step = checkpoint_step(ckpt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from nxtp_jax import pretrained
@@ -39,3 +40,25 @@ def test_nxtp_tag_gated_llama_is_one_error_line(hub, card, tmp_path, capsys):
         "https://huggingface.co/meta-llama/Llama-2-7b-hf , then run `huggingface-cli login` (or set HF_TOKEN) or pass "
         "local copies with --llama_dir DIR and --tokenizer FILE"
     ]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_eval_config_ckpt_takes_a_released_models_card(hub, card, tmp_path, monkeypatch):
+    from nxtp_jax.evaluation import job
+    from tiny_models import demo_config
+
+    seen = []
+
+    def stop(ckpt):  # the first use of the checkpoint in job.evaluate: record what it was given
+        seen.append(ckpt)
+        raise _Stop
+
+    monkeypatch.setattr(job, "checkpoint_step", stop)
+    config = demo_config(tmp_path / "data")
+    config.eval.ckpt = str(card)
+    with pytest.raises(_Stop):
+        job.evaluate(config, tmp_path / "work")
+    assert seen == [str(tmp_path / "nxtp" / "tiny")]
