@@ -115,6 +115,7 @@ def prepare(args) -> None:
 
 
 def quantize_export(args, mode: str) -> None:
+    from nxtp_jax.choices import DEFAULT_ACCURACY_LEVEL
     from nxtp_jax.export import onnx_export
 
     work = pathlib.Path(args.workdir)
@@ -130,7 +131,7 @@ def quantize_export(args, mode: str) -> None:
     start = time.perf_counter()
     n = onnx_export.quantize_decoder(tmp / "decoder.onnx", mode)
     config = json.loads((tmp / "config.json").read_text())
-    config["quantize"], config["accuracy_level"] = mode, onnx_export.DEFAULT_ACCURACY_LEVEL
+    config["quantize"], config["accuracy_level"] = mode, DEFAULT_ACCURACY_LEVEL
     (tmp / "config.json").unlink()  # a hard link to the fp32 export's
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.rename(out)
@@ -157,7 +158,7 @@ def run_config(args, engine: str, quantize: str, case: str) -> dict:
 
         tagger = Tagger.load(work / "ckpt", dtype=jnp.float32, quantize=quantize, batch_size=1)
         if case == "realistic":
-            tagger.serving_params["language_decoder"]["tok_embeddings"]["embedding"] = jnp.asarray(np.load(work / "embeddings_realistic.npy"))
+            tagger.params["language_decoder"]["tok_embeddings"]["embedding"] = jnp.asarray(np.load(work / "embeddings_realistic.npy"))
         x = jnp.asarray(tagger.preprocess([image]))
 
         def run():
@@ -310,7 +311,7 @@ def phases(args, engine: str) -> dict:
     from nxtp_jax.models.recognizer import Recognizer
 
     t = Tagger.load(work / "ckpt", dtype=jnp.float32, batch_size=1)
-    model, params, x = t.model, t.serving_params, jnp.asarray(t.preprocess([image]))
+    model, params, x = t.model, t.params, jnp.asarray(t.preprocess([image]))
     with quantize.dequantizing():
         h = sampling.prefix_embeddings(model, params, x, t.prompt)
         t0, n = h.shape[1], model.config.vision.num_patches

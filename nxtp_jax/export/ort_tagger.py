@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from nxtp_jax import prompts
+from nxtp_jax.choices import DEFAULT_NUM_LABELS
 from nxtp_jax.inference import ranking, vocabulary
 from nxtp_jax.inference.vocabulary import Vocabulary
 from nxtp_jax.data import preprocess
@@ -209,7 +210,7 @@ class OrtTagger:
     def predict(
         self,
         images: Sequence[Any],
-        num_labels: int = 10,
+        num_labels: int = DEFAULT_NUM_LABELS,
         *,
         min_prob: float = 0.0,
         vocab: Any = None,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nxtp_jax import checkpoint, objective, pretrained, prompts
-from nxtp_jax.choices import STRATEGIES
+from nxtp_jax.choices import DEFAULT_NUM_LABELS, QUANTIZE, STRATEGIES
 from nxtp_jax.inference import decoding, ranking, sampling, vocabulary
 from nxtp_jax.inference.vocabulary import Vocabulary
 from nxtp_jax.models import mask
@@ -52,21 +52,16 @@ class Tagger:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"expected batch_size >= 1 (images per forward pass), found {batch_size!r}")
         self.model = model
-        self.serving_params = params  # what predict / sample / loss run (Tagger.load's serving kernels)
+        self.params = params  # what predict / sample / loss run: Tagger.load's serving layout (`checkpoint_params`)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.image_size = model.config.vision.image_size
         self.prompt = jnp.asarray(prompts.inference_prompt(tokenizer))
 
-    @property
-    def params(self) -> Any:
-        """The params in the checkpoint's layout: transposed kernels are expanded back (a copy of
-        each); quantized ones stay quantized."""
-        return _quantize.untransposed(self.serving_params)
-
-    @params.setter
-    def params(self, value: Any) -> None:
-        self.serving_params = value
+    def checkpoint_params(self) -> Any:
+        """A copy of `params` in the checkpoint's layout: transposed kernels are expanded back;
+        quantized ones stay quantized."""
+        return _quantize.untransposed(self.params)
 
     @classmethod
     def load(
@@ -79,11 +74,11 @@ class Tagger:
 
         `quantize` "int8" (per output channel) or "int4" (in groups) stores the decoder's and the
         output layer's weights in that many bits, dequantized at use (`models.quantize`); "none" keeps
-        them (on one CPU stored transposed in `serving_params`, where XLA multiplies the sampler's
-        few rows faster; `params` gives them back in the checkpoint's layout).
+        them (on one CPU stored transposed in `params`, where XLA multiplies the sampler's few rows
+        faster; `checkpoint_params()` gives them back in the checkpoint's layout).
         """
-        if quantize not in _quantize.MODES:
-            raise ValueError(f"expected quantize in {_quantize.MODES}, found {quantize!r}")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"expected quantize in {QUANTIZE}, found {quantize!r}")
         config = checkpoint.load_config(ckpt_dir)
         tok = Tokenizer(checkpoint.tokenizer_path(ckpt_dir))
         if (tok.image_id, tok.empty_id) != (config.special_tokens.image, config.special_tokens.empty):
@@ -146,7 +141,7 @@ class Tagger:
     def predict(
         self,
         images: Sequence[Any],
-        num_labels: int = 10,
+        num_labels: int = DEFAULT_NUM_LABELS,
         *,
         min_prob: float = 0.0,
         vocab: Any = None,
@@ -226,13 +221,13 @@ class Tagger:
         if strategy == "one_shot":
             trie = None if vocab is None else sampling.Trie.from_vocabulary(vocab)
             tokens, probs = sampling.one_shot(
-                self.model, self.serving_params, x, self.prompt, k=int(num_labels), delimiter_id=tok.delimiter_id, trie=trie
+                self.model, self.params, x, self.prompt, k=int(num_labels), delimiter_id=tok.delimiter_id, trie=trie
             )
         elif strategy == "greedy":
             key = key if key is not None else jax.random.key(0)
-            tokens, probs = decoding.greedy(self.model, self.serving_params, x, self.prompt, key, delimiter_id=tok.delimiter_id, **decoder_kw)
+            tokens, probs = decoding.greedy(self.model, self.params, x, self.prompt, key, delimiter_id=tok.delimiter_id, **decoder_kw)
         elif strategy == "beam":
-            tokens = decoding.beam_search(self.model, self.serving_params, x, self.prompt, eos_id=tok.eos_id, **decoder_kw)
+            tokens = decoding.beam_search(self.model, self.params, x, self.prompt, eos_id=tok.eos_id, **decoder_kw)
             probs = [[0.0] * len(t) for t in tokens]
         else:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
@@ -262,19 +257,19 @@ class Tagger:
     def image_tokens(self, x: Any) -> np.ndarray:
         """Projected image tokens [B, N, D] of normalised images (as the decoder sees them)."""
         with _quantize.dequantizing():
-            out = self.model.apply({"params": self.serving_params}, jnp.asarray(x), method=Recognizer.encode_images)
+            out = self.model.apply({"params": self.params}, jnp.asarray(x), method=Recognizer.encode_images)
         return np.asarray(out, np.float32)
 
     def attention_maps(self, image: Any) -> np.ndarray:
         """Image-to-image attention of the prefix pass, [layers, heads, N, N] (row = query token)."""
         n = self.model.config.vision.num_patches
         with _quantize.dequantizing():
-            weights = _prefix_attention(self.model, self.serving_params, jnp.asarray(self.preprocess([image])), self.prompt)
+            weights = _prefix_attention(self.model, self.params, jnp.asarray(self.preprocess([image])), self.prompt)
         return np.stack([np.asarray(w[0, :, :n, :n]) for w in weights])
 
     def embeddings(self) -> np.ndarray:
         """The token embedding table in fp32 on the host, copied once (it is ~0.5 GB at full size)."""
-        table = self.serving_params["language_decoder"]["tok_embeddings"]["embedding"]
+        table = self.params["language_decoder"]["tok_embeddings"]["embedding"]
         if getattr(self, "_table_source", None) is not table:
             self._table, self._table_source = np.asarray(table, np.float32), table
         return self._table
@@ -302,7 +297,7 @@ class Tagger:
         images = jnp.asarray(self.preprocess(images))
         with _quantize.dequantizing():
             return float(
-                _loss(self.model, self.serving_params, images, text.tokens, text.targets, text.answer_pos, self.tokenizer.delimiter_id)
+                _loss(self.model, self.params, images, text.tokens, text.targets, text.answer_pos, self.tokenizer.delimiter_id)
             )
 
 

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-MODES = ("none", "int8", "int4")
+from nxtp_jax.choices import QUANTIZE
+
 INT4_GROUP = 128  # int4 scales: one per group of 128 input rows and output column (half the rows where K/2 % 128)
 TILE_ROWS = 256  # output channels converted per scan iteration: the fastest of 128-1024 for [20, K] inputs
 QUANTIZED_PARENTS = ("attention", "feed_forward")  # plus the decoder's `output` layer
@@ -134,8 +135,8 @@ def _decoder_dense_kernels(params: Any, replace, consume: bool) -> Any:
 def quantize_params(params: Any, mode: str, *, consume: bool = False) -> Any:
     """The params with the decoder's Dense kernels quantized ("none": unchanged). With `consume` the
     originals are deleted as they are replaced: `params` must not be used afterwards."""
-    if mode not in MODES:
-        raise ValueError(f"expected quantize in {MODES}, found {mode!r}")
+    if mode not in QUANTIZE:
+        raise ValueError(f"expected quantize in {QUANTIZE}, found {mode!r}")
     if mode == "none":
         return params
     bits = 8 if mode == "int8" else 4

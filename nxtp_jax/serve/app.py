@@ -37,9 +37,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nxtp_jax.choices import DEFAULT_NUM_LABELS
 from nxtp_jax.data import preprocess
 from nxtp_jax.serve import openapi, page
-from nxtp_jax.serve.batcher import ATTENTION, DEFAULT_NUM_LABELS, Batcher, Runner
+from nxtp_jax.serve.batcher import ATTENTION, Batcher, Runner
 
 
 @dataclasses.dataclass(frozen=True)

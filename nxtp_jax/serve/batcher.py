@@ -30,9 +30,8 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from nxtp_jax.choices import DEFAULT_NUM_LABELS
 from nxtp_jax.data import preprocess
-
-DEFAULT_NUM_LABELS = 10
 
 Labels = list[tuple[str, float]]
 

@@ -110,10 +110,10 @@ def test_sampler_keeps_the_weights_in_int8_inside_the_loop(tok, monkeypatch):
 
 def test_load_on_one_cpu_transposes_the_decoder_kernels_and_keeps_the_labels(tiny_ckpt):
     tagger = Tagger.load(tiny_ckpt)
-    leaves = jax.tree.leaves(tagger.serving_params, is_leaf=IS_KERNEL)
+    leaves = jax.tree.leaves(tagger.params, is_leaf=IS_KERNEL)
     assert sum(isinstance(x, quantize.TransposedKernel) for x in leaves) == 2 * 7 + 1
-    plain = Tagger(tagger.model, tagger.params, tagger.tokenizer)  # `params`: the checkpoint's layout
-    assert not any(IS_KERNEL(x) for x in jax.tree.leaves(plain.serving_params, is_leaf=IS_KERNEL))
+    plain = Tagger(tagger.model, tagger.checkpoint_params(), tagger.tokenizer)
+    assert not any(IS_KERNEL(x) for x in jax.tree.leaves(plain.params, is_leaf=IS_KERNEL))
     images = random_images(3, 32, seed=3)
     got, want = tagger.predict(images, 5), plain.predict(images, 5)
     assert [[label for label, _ in r] for r in got] == [[label for label, _ in r] for r in want]

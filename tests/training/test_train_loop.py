@@ -72,7 +72,7 @@ def test_workdir_loads_with_its_frozen_weights(data_root, tmp_path):
     tagger = Tagger.load(scratch, dtype=np.float32)
     model = Recognizer(tagger.model.config)
     initial = checkpoint.scratch_params(model, 0)  # the demo's seed, on the training mesh (one device)
-    assert_trees_equal(ptree.split(tagger.params, TRAINABLE)[1], ptree.split(initial, TRAINABLE)[1])
+    assert_trees_equal(ptree.split(tagger.checkpoint_params(), TRAINABLE)[1], ptree.split(initial, TRAINABLE)[1])
 
     init_dir = tmp_path / "init"
     init = init_params(model, jax.random.key(7))
@@ -84,7 +84,7 @@ def test_workdir_loads_with_its_frozen_weights(data_root, tmp_path):
     config.model.checkpoint = str(init_dir)
     train(config, run)
 
-    loaded = Tagger.load(run, dtype=np.float32).params
+    loaded = Tagger.load(run, dtype=np.float32).checkpoint_params()
     tr_loaded, fr_loaded = ptree.split(loaded, TRAINABLE)
     tr_init, fr_init = ptree.split(init, TRAINABLE)
     assert_trees_equal(fr_loaded, fr_init)
