@@ -158,6 +158,7 @@ class Batcher:
     def close(self, error: BaseException) -> None:
         """Fails every waiting job (and every later one) with `error`; the batch on the device finishes."""
         self.closed = error
+        self._arrived.set()  # a batch being collected stops waiting for company
         while not self.queue.empty():
             self._fail([self.queue.get_nowait()], error)
             self.waiting -= 1
@@ -179,7 +180,7 @@ class Batcher:
             while len(batch) < self.max_batch and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             remaining = deadline - asyncio.get_running_loop().time()
-            if len(batch) == self.max_batch or remaining <= 0:
+            if len(batch) == self.max_batch or remaining <= 0 or self.closed is not None:
                 break
             self._arrived.clear()
             try:  # an Event, not queue.get(): cancelling a wait on it never loses a job
