@@ -42,6 +42,7 @@ class _QuietLibraries(std_logging.Filter):
 def setup_logging(level: str, verbose: bool) -> None:
     """absl logging at `level` without orbax's and grain's INFO chatter (`--verbose` shows all of it)."""
     logging.set_verbosity(level)
+    logging.use_absl_handler()  # on the root logger before a library's logging.info installs a basicConfig handler there
     handler = logging.get_absl_handler()
     for f in [f for f in handler.filters if isinstance(f, _QuietLibraries)]:
         handler.removeFilter(f)

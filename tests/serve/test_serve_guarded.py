@@ -217,3 +217,9 @@ def test_memory_under_full_load_stays_within_the_documented_bound(guarded):
     bound = (24 * 3 * len(image)  # the bodies of the 24 connections
              + DECODE_THREADS * 8 * MAX_PIXELS + MAX_QUEUE * 3 * IMAGE_SIZE**2)
     assert growth <= bound, f"grew {growth / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
+
+
+def test_start_up_log_is_ours_without_orbax_chatter(guarded):
+    log = [line for line in guarded.log.read_text().splitlines() if not line.startswith("{")]  # not the access log
+    assert not [line for line in log if "orbax" in line.lower() or "checkpoint" in line.lower()], log
+    assert any("open-file limit: " in line for line in log) and any("compiling batch sizes" in line for line in log)
