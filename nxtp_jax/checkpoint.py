@@ -3,13 +3,19 @@
     DIR/config.json      model dimensions, layer count, special-token ids, provenance
     DIR/tokenizer.model  the sentencepiece model the ids refer to
     DIR/params/          the Flax params (orbax)
+
+Training workdirs are checkpoint directories too; their format (below) and the guards a run
+checks before it writes in one (writable, locked, the same model) live here as well.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
+import logging
 import os
+import socket
 from typing import Any
 
 import flax.linen as nn
@@ -18,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from nxtp_jax import params as ptree, sharding
-from nxtp_jax.errors import CheckpointError
+from nxtp_jax.errors import CheckpointError, WorkdirError
 from nxtp_jax.models.config import ModelConfig
 from nxtp_jax.models.recognizer import init_params, init_variables
 
@@ -108,6 +114,21 @@ def load_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
         ) from e
 
 
+def model_differences(a: ModelConfig | dict, b: ModelConfig | dict, a_name: str, b_name: str) -> list[str]:
+    """`model.PART.FIELD: <a_name> X, <b_name> Y` for every field where two model configs (or a
+    config.json's "model" entry) differ; [] when they describe the same model."""
+
+    def fields(config, prefix="model") -> dict:
+        config = config.to_dict() if isinstance(config, ModelConfig) else config
+        flat = {}
+        for k, v in config.items():
+            flat.update(fields(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
+        return flat
+
+    a, b = fields(a), fields(b)
+    return [f"{k}: {a_name} {a.get(k)!r}, {b_name} {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+
+
 def tokenizer_path(ckpt_dir: str | os.PathLike) -> epath.Path:
     return epath.Path(ckpt_dir) / read_meta(ckpt_dir)["tokenizer"]
 
@@ -117,13 +138,21 @@ def _finite_leaves(tree: Any) -> list:
     return [jax.numpy.all(jax.numpy.isfinite(x)) for x in jax.tree.leaves(tree)]
 
 
+def non_finite_params(params: Any) -> list[str]:
+    """The names (a/b/c) of the params holding NaN or inf, in tree order; one jitted pass, sharded params too."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [
+        "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        for (path, _), ok in zip(flat, _finite_leaves(params))
+        if not bool(ok)
+    ]
+
+
 def check_finite(params: Any, where: str | os.PathLike) -> None:
     """Raises CheckpointError naming the first param holding NaN or inf."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    for (path, _), ok in zip(flat, _finite_leaves(params)):
-        if not bool(ok):
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
-            raise CheckpointError(f"{where}: param {name} holds non-finite values (NaN or inf); the checkpoint is damaged")
+    bad = non_finite_params(params)
+    if bad:
+        raise CheckpointError(f"{where}: param {bad[0]} holds non-finite values (NaN or inf); the checkpoint is damaged")
 
 
 def restore_params(path: epath.Path, abstract: Any) -> Any:
@@ -277,3 +306,123 @@ def load_training_params(workdir: str | os.PathLike, model, mesh=None, rules=Non
     else:
         frozen = load_frozen(workdir, abstract_frozen)
     return ptree.merge(trainable, frozen)
+
+
+# -- guards of a training workdir, checked before a run writes anything or waits at a barrier --
+#
+# - `check_writable`: the workdir and its checkpoint dir exist (or can be made) and take a file.
+# - `Lock`: WORKDIR/run.lock holds {host, pid, time}; a second run on the workdir stops. A
+#   lock whose pid is dead on this host is stale: it is reported and taken over.
+# - `check_same_model`: a resume with another model shape (or other trainable params) stops,
+#   listing the differing fields, before config.json is rewritten.
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+
+
+def check_writable(*dirs: str | os.PathLike) -> None:
+    """Makes each directory and writes a probe file in it, or raises WorkdirError naming it."""
+    for d in dirs:
+        d = epath.Path(d)  # local, or any epath backend (gs://...)
+        if d.exists() and not d.is_dir():
+            raise WorkdirError(f"expected a directory at {d}, found a file; pass another --workdir")
+        probe = d / f".write_probe.{socket.gethostname()}.{os.getpid()}"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise WorkdirError(
+                f"cannot write in {d} ({e.strerror or e}); fix its permissions or pass another --workdir"
+            ) from e
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+class Lock:
+    """WORKDIR/run.lock for the lifetime of a run (process 0 only); `release` removes it."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = epath.Path(workdir) / LOCK_FILE
+        self.info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.held = False
+
+    def acquire(self) -> "Lock":
+        for _ in range(2):
+            try:
+                self._create()
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            self.held = True
+            return self
+        raise WorkdirError(f"cannot take the lock {self.path}: another run took it at the same time")
+
+    def _create(self) -> None:
+        """Writes the lock file, or raises FileExistsError: atomically on local disk; object stores
+        (gs://...) offer no exclusive create through epath, so there a check precedes the write."""
+        if "://" in os.fspath(self.path):
+            if self.path.exists():
+                raise FileExistsError(self.path)
+            self.path.write_text(json.dumps(self.info))
+            return
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.info, f)
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            owner = json.loads(self.path.read_text())
+            host, pid, since = owner["host"], int(owner["pid"]), owner.get("time", "?")
+        except (OSError, ValueError, KeyError, TypeError):
+            raise WorkdirError(
+                f"{self.path} exists but is not a lock this code wrote; if no run uses this workdir, delete it"
+            ) from None
+        if host == self.info["host"] and not _pid_alive(pid):
+            log.warning("taking over the stale lock %s: its run (pid %d on %s, since %s) is gone", self.path, pid, host, since)
+            print(f"warning: taking over the stale lock {self.path} of pid {pid} (no longer running)", flush=True)
+            self.path.unlink(missing_ok=True)
+            return
+        raise WorkdirError(
+            f"{self.path.parent} is in use by another run (pid {pid} on {host}, since {since}); wait for it to end, "
+            f"or, if that run is gone, delete {self.path}"
+        )
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def check_same_model(workdir: str | os.PathLike, model: ModelConfig, trainable: list[str]) -> None:
+    """Raises WorkdirError if `workdir` holds a run of another model shape or trainable set; a new workdir passes."""
+    if not is_training_workdir(workdir):
+        return
+    meta = read_meta(workdir)
+    diffs = model_differences(meta["model"], model, "saved", "now")
+    saved_trainable = meta[TRAINING_KEY].get("trainable")
+    if saved_trainable != list(trainable):
+        diffs.append(f"trainable: saved {saved_trainable!r}, now {list(trainable)!r}")
+    if diffs:
+        raise WorkdirError(
+            f"{workdir} holds a run of another model ({'; '.join(diffs)}); its checkpoints cannot resume this config. "
+            "Use a new --workdir, or restore the saved config (config.json, train_config.json)"
+        )
+
+
+def describe(error: Any) -> str:
+    """The first line of an exception, for a one-line warning."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"

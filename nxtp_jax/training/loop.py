@@ -6,7 +6,7 @@ Resume is automatic: the latest checkpoint in <workdir>/checkpoints (trainable p
 optimizer state, step, the grain iterator state and the config) is restored, and the
 run continues with exactly the batches and updates it would have had. A step that does not
 restore is moved aside (`<step>.unrestorable`) and the one before it is used. Before that,
-the workdir is checked writable and locked (`training/workdir.py`), and a resume with
+the workdir is checked writable and locked (`checkpoint.py`'s guards), and a resume with
 another model shape stops before anything is written.
 """
 
@@ -31,14 +31,14 @@ from etils import epath
 from ml_collections import config_dict
 
 from nxtp_jax import checkpoint, experiment, prompts, sharding
-from nxtp_jax.training import optim, inputs as train_inputs, step as train_state
+from nxtp_jax.training import inputs, optim
+from nxtp_jax.training.step import StepOptions, TrainState, create, jit_train_step, make_train_step
 from nxtp_jax.data import pipeline, registry, tar
 from nxtp_jax.data.samples import load_json, read_texts
 from nxtp_jax.models.config import ModelConfig
 from nxtp_jax.models.layers import Activations
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.errors import WorkdirError
-from nxtp_jax.training import workdir as workdir_guard
 from nxtp_jax.training.preemption import PreemptionWatch
 from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
 from nxtp_jax.training.log import MetricsLogger
@@ -153,15 +153,8 @@ def build_model(config: config_dict.ConfigDict, model_cfg: ModelConfig, mesh=Non
 
 
 def check_init_checkpoint(ckpt: str, expected: ModelConfig) -> None:
-    found = checkpoint.load_config(ckpt)
-    if found != expected:
-        ours, theirs = expected.to_dict(), found.to_dict()
-        diffs = [
-            f"{part}.{k}: config {ours[part][k]!r}, checkpoint {theirs[part][k]!r}"
-            for part in ours
-            for k in ours[part]
-            if ours[part][k] != theirs[part].get(k)
-        ]
+    diffs = checkpoint.model_differences(expected, checkpoint.load_config(ckpt), "config", "checkpoint")
+    if diffs:
         raise ValueError(
             f"model.checkpoint {ckpt} does not match config.model: {'; '.join(diffs)}. Set the config's "
             "model fields to the checkpoint's (see its config.json), or convert a matching checkpoint"
@@ -188,7 +181,7 @@ class Setup:
     mesh: Any
     model: Recognizer
     tokenizer: Tokenizer
-    state: train_state.TrainState
+    state: TrainState
     frozen: Any
     step_fn: Any  # the jitted train step
     batch_sharding: NamedSharding
@@ -203,13 +196,13 @@ def setup(config: config_dict.ConfigDict, workdir: epath.Path, shards: list[str]
     tok = prepare_tokenizer(config, workdir, shards)
     model = build_model(config, experiment.model_config(config, tok), mesh)
     schedule, make_tx = optim.from_config(config)
-    state, frozen, tx = train_state.create(init_params(config, model, mesh, rules), tuple(config.trainable), make_tx, mesh)
+    state, frozen, tx = create(init_params(config, model, mesh, rules), tuple(config.trainable), make_tx, mesh)
     rows = experiment.embedding_row_ids(config, tok)
     row_mask = optim.embedding_row_mask(tok.vocab_size, rows)
-    opts = train_state.StepOptions.from_config(config, model.config, tok.delimiter_id)
-    step = train_state.make_train_step(model, tx, schedule, opts, None if row_mask is None else jnp.asarray(row_mask))
+    opts = StepOptions.from_config(config, model.config, tok.delimiter_id)
+    step = make_train_step(model, tx, schedule, opts, None if row_mask is None else jnp.asarray(row_mask))
     batch_spec = sharding.batch_sharding(mesh, rules)
-    step_fn = train_state.jit_train_step(step, state, frozen, batch_spec, mesh)
+    step_fn = jit_train_step(step, state, frozen, batch_spec, mesh)
     return Setup(mesh, model, tok, state, frozen, step_fn, batch_spec, schedule, experiment.total_steps(config), experiment.warmup_steps(config))
 
 
@@ -231,20 +224,11 @@ def orbax_dir(config: config_dict.ConfigDict) -> str:
     return config.checkpoint.dir or checkpoint.STEPS_DIR
 
 
-@jax.jit
-def _finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _all_finite(tree: Any) -> bool:
-    return bool(_finite(tree))
-
-
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def save(manager, step: int, state: train_state.TrainState, data_iter, config: config_dict.ConfigDict, *, force: bool) -> None:
+def save(manager, step: int, state: TrainState, data_iter, config: config_dict.ConfigDict, *, force: bool) -> None:
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -257,7 +241,7 @@ def save(manager, step: int, state: train_state.TrainState, data_iter, config: c
     )
 
 
-def restore(manager, step: int, state: train_state.TrainState, data_iter, mesh) -> train_state.TrainState:
+def restore(manager, step: int, state: TrainState, data_iter, mesh) -> TrainState:
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -267,14 +251,14 @@ def restore(manager, step: int, state: train_state.TrainState, data_iter, mesh) 
         ),
     )
     step_array = jax.device_put(jnp.asarray(step, jnp.int32), NamedSharding(mesh, PartitionSpec()))
-    return train_state.TrainState(step=step_array, params=restored[checkpoint.TRAINABLE_ITEM], opt_state=restored.opt_state)
+    return TrainState(step=step_array, params=restored[checkpoint.TRAINABLE_ITEM], opt_state=restored.opt_state)
 
 
 # -- the loop --
 
 
 def train_iterator(config: config_dict.ConfigDict, shards: list[str]):
-    transform = functools.partial(train_inputs.shuffle_labels, seed=config.seed) if config.shuffle_labels else None
+    transform = functools.partial(inputs.shuffle_labels, seed=config.seed) if config.shuffle_labels else None
     return pipeline.build_train_iterator(
         shards,
         image_size=config.model.vision.image_size,
@@ -288,13 +272,13 @@ def train_iterator(config: config_dict.ConfigDict, shards: list[str]):
     )
 
 
-def lock_workdir(workdir: epath.Path, steps: epath.Path) -> workdir_guard.Lock | None:
+def lock_workdir(workdir: epath.Path, steps: epath.Path) -> checkpoint.Lock | None:
     """Every process checks that it can write; process 0 takes the lock, and all stop together if it cannot."""
-    workdir_guard.check_writable(workdir, steps)
+    checkpoint.check_writable(workdir, steps)
     lock, error = None, None
     if _is_main():
         try:
-            lock = workdir_guard.Lock(workdir).acquire()
+            lock = checkpoint.Lock(workdir).acquire()
         except WorkdirError as e:
             error = e
     if jax.process_count() > 1 and not bool(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
@@ -304,7 +288,7 @@ def lock_workdir(workdir: epath.Path, steps: epath.Path) -> workdir_guard.Lock |
     return lock
 
 
-def resume(manager, state: train_state.TrainState, data_iter, mesh, workdir: epath.Path) -> tuple[int, train_state.TrainState]:
+def resume(manager, state: TrainState, data_iter, mesh, workdir: epath.Path) -> tuple[int, TrainState]:
     """(step, state) of the latest checkpoint that restores, or (0, state) in a new workdir.
 
     A step that fails to restore (a truncated save) is moved aside to `<step>.unrestorable`
@@ -316,7 +300,7 @@ def resume(manager, state: train_state.TrainState, data_iter, mesh, workdir: epa
             return step, restore(manager, step, state, data_iter, mesh)
         except Exception as e:  # orbax, tensorstore and grain raise many types for a damaged step
             aside = steps_dir / f"{step}.unrestorable"
-            print(f"warning: checkpoint step {step} in {steps_dir} does not restore ({workdir_guard.describe(e)}); "
+            print(f"warning: checkpoint step {step} in {steps_dir} does not restore ({checkpoint.describe(e)}); "
                   f"moving it to {aside.name} and trying the previous step", flush=True)
             if _is_main():
                 (steps_dir / str(step)).rename(aside)
@@ -342,7 +326,7 @@ def _train(config: config_dict.ConfigDict, workdir: epath.Path) -> TrainResult:
     shards = prepare_data(config)
     # Before the params exist, and before config.json is rewritten.
     tok = prepare_tokenizer(config, workdir, shards)
-    workdir_guard.check_same_model(workdir, experiment.model_config(config, tok), list(config.trainable))
+    checkpoint.check_same_model(workdir, experiment.model_config(config, tok), list(config.trainable))
     s = setup(config, workdir, shards)
     if _is_main():
         checkpoint.write_training_meta(
@@ -382,7 +366,7 @@ def _train(config: config_dict.ConfigDict, workdir: epath.Path) -> TrainResult:
     def fetch(step: int):
         t0 = time.perf_counter()
         batch = next(data_iter)
-        local = train_inputs.model_inputs(
+        local = inputs.model_inputs(
             s.tokenizer,
             batch,
             step=step,
@@ -392,7 +376,7 @@ def _train(config: config_dict.ConfigDict, workdir: epath.Path) -> TrainResult:
             captions=config.weight_loss_cap > 0,
         )
         epoch = int(np.max(batch["epoch"])) + 1
-        return train_inputs.global_batch(local, s.batch_sharding), epoch, time.perf_counter() - t0
+        return inputs.global_batch(local, s.batch_sharding), epoch, time.perf_counter() - t0
 
     watch = PreemptionWatch()
     step, preempted, loss = start, False, math.nan
@@ -440,11 +424,12 @@ def _train(config: config_dict.ConfigDict, workdir: epath.Path) -> TrainResult:
                 logger.write(record)
                 window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
             if save_now:
-                if not _all_finite(state.params):
+                non_finite = checkpoint.non_finite_params(state.params)
+                if non_finite:
                     manager.wait_until_finished()
                     raise FloatingPointError(
-                        f"the parameters became non-finite in the update of step {step} (its loss, {loss}, was "
-                        f"still finite); stopping without saving them. The last good checkpoint is step "
+                        f"the parameters became non-finite in the update of step {step} ({len(non_finite)} of them, first "
+                        f"{non_finite[0]}; its loss, {loss}, was still finite); stopping without saving them. The last good checkpoint is step "
                         f"{manager.latest_step()}. Lower optim.lr or enable optim.grad_clip"
                     )
                 save(manager, step, state, data_iter, config, force=forced)

@@ -9,12 +9,12 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from nxtp_jax import checkpoint
 from nxtp_jax.errors import WorkdirError
 from tiny_models import demo_config
-from nxtp_jax.training import workdir as guard
 from nxtp_jax.training.loop import train
 from nxtp_jax.training.log import read_metrics
 from nxtp_jax.training.preemption import PreemptionWatch
@@ -48,7 +48,7 @@ def snapshot(directory: pathlib.Path) -> dict:
 
 def test_a_second_run_on_a_locked_workdir_stops(data_root, trained):
     # This process is alive on this host: the lock is held.
-    lock = guard.Lock(trained).acquire()
+    lock = checkpoint.Lock(trained).acquire()
     try:
         before = snapshot(trained)
         with pytest.raises(WorkdirError, match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}"):
@@ -56,21 +56,21 @@ def test_a_second_run_on_a_locked_workdir_stops(data_root, trained):
         assert snapshot(trained) == before
     finally:
         lock.release()
-    assert not (trained / guard.LOCK_FILE).exists()
+    assert not (trained / checkpoint.LOCK_FILE).exists()
 
 
 def test_a_stale_lock_is_reported_and_taken_over(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / guard.LOCK_FILE).write_text(f'{{"host": "{socket.gethostname()}", "pid": {dead.pid}, "time": "t0"}}')
-    lock = guard.Lock(tmp_path).acquire()
-    assert f"taking over the stale lock {tmp_path / guard.LOCK_FILE} of pid {dead.pid}" in capsys.readouterr().out
-    assert f'"pid": {os.getpid()}' in (tmp_path / guard.LOCK_FILE).read_text()
+    (tmp_path / checkpoint.LOCK_FILE).write_text(f'{{"host": "{socket.gethostname()}", "pid": {dead.pid}, "time": "t0"}}')
+    lock = checkpoint.Lock(tmp_path).acquire()
+    assert f"taking over the stale lock {tmp_path / checkpoint.LOCK_FILE} of pid {dead.pid}" in capsys.readouterr().out
+    assert f'"pid": {os.getpid()}' in (tmp_path / checkpoint.LOCK_FILE).read_text()
     lock.release()
     # A lock of another host cannot be checked: it stops the run.
-    (tmp_path / guard.LOCK_FILE).write_text('{"host": "elsewhere", "pid": 1, "time": "t0"}')
+    (tmp_path / checkpoint.LOCK_FILE).write_text('{"host": "elsewhere", "pid": 1, "time": "t0"}')
     with pytest.raises(WorkdirError, match="pid 1 on elsewhere"):
-        guard.Lock(tmp_path).acquire()
+        checkpoint.Lock(tmp_path).acquire()
 
 
 def test_unusable_workdirs_fail_before_anything_starts(data_root, tmp_path):
@@ -139,3 +139,18 @@ def test_main_prints_one_line_for_a_workdir_that_is_a_file(data_root, tmp_path):
     res = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith(f"error: expected a directory at {tmp_path / 'a_file'}")
+
+
+def test_model_differences_name_each_differing_field_with_both_values():
+    saved = {"vision": {"width": 64, "layers": 2}, "decoder": {"layers": 1}}
+    now = {"vision": {"width": 128, "layers": 2}, "decoder": {"layers": 1, "dim": 8}}
+    assert checkpoint.model_differences(saved, now, "saved", "now") == [
+        "model.vision.width: saved 64, now 128", "model.decoder.dim: saved None, now 8"
+    ]
+    assert checkpoint.model_differences(now, now, "saved", "now") == []
+
+
+def test_non_finite_params_names_each_param_with_nan_or_inf():
+    params = {"a": {"w": np.ones(3, np.float32)}, "b": np.array([1.0, np.nan], np.float32), "c": np.array([np.inf], np.float32)}
+    assert checkpoint.non_finite_params(params) == ["b", "c"]
+    assert checkpoint.non_finite_params({"a": params["a"]}) == []
