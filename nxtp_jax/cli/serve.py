@@ -37,6 +37,12 @@ def define(fv: flags.FlagValues, argv: list[str]) -> None:
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_float("max_body_mb", 20.0, "Largest request body, in MiB (413 above).", flag_values=fv)
     positive("max_body_mb", "--max_body_mb")
+    flags.DEFINE_float("max_inflight_mb", 256.0, "Request bodies held at once, all requests together, in MiB "
+                       "(503 above); at least --max_body_mb.", flag_values=fv)
+    flags.register_multi_flags_validator(
+        ["max_body_mb", "max_inflight_mb"], lambda v: v["max_inflight_mb"] >= v["max_body_mb"],
+        message="--max_inflight_mb must be at least --max_body_mb (one request's body)", flag_values=fv,
+    )
     flags.DEFINE_integer("max_pixels", 40_000_000, "Largest image, in pixels from its header (413 above).",
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("max_images", 16, "Most images in one request (the multipart field 'image' repeated).",
@@ -105,7 +111,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
         raise UsageError(f"--max_connections={fv.max_connections} needs {fv.max_connections + connections.RESERVED_FILES} "
                          f"open files, the limit is {after}; lower --max_connections or raise the hard limit (ulimit -Hn)")
     limits = Limits(
-        max_body_bytes=int(fv.max_body_mb * 2**20), max_pixels=fv.max_pixels, max_images=fv.max_images,
+        max_body_bytes=int(fv.max_body_mb * 2**20), max_inflight_bytes=int(fv.max_inflight_mb * 2**20), max_pixels=fv.max_pixels, max_images=fv.max_images,
         max_queue=fv.max_queue, decode_threads=fv.decode_threads, timeout_s=fv.timeout_s,
     )
     tagger = Tagger.load(model_flag.resolve(fv), batch_size=fv.max_batch)

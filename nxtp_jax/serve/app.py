@@ -46,6 +46,7 @@ from nxtp_jax.serve.batcher import ATTENTION, Batcher, Runner
 @dataclasses.dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 20 * 2**20  # per request, all its images together
+    max_inflight_bytes: int = 256 * 2**20  # request bodies held at once, all requests together
     max_pixels: int = 40_000_000  # per image, from the header, before decoding (decompression bombs)
     max_images: int = 16  # per request (multipart fields `image`)
     max_queue: int = 256  # images waiting for the device, tag and attention together
@@ -129,7 +130,26 @@ def count_compilations(metrics: Metrics) -> None:
     jax.monitoring.register_event_duration_secs_listener(listener)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+class BodyBudget:
+    """The bytes of request bodies held at once. A request's bytes count from their arrival to
+    its answer (`release`); one that would pass the budget gets 503."""
+
+    def __init__(self, limit: int, retry_after_s: int):
+        self.limit, self.used, self.retry_after_s = limit, 0, retry_after_s
+
+    def take(self, request: Request, n: int) -> None:
+        if self.used + n > self.limit:
+            raise ApiError(503, f"too many uploads at once ({self.limit} bytes of request bodies held); retry later",
+                           {"Retry-After": str(self.retry_after_s)})
+        self.used += n
+        request.state.body_bytes = getattr(request.state, "body_bytes", 0) + n
+
+    def release(self, request: Request) -> None:
+        self.used -= getattr(request.state, "body_bytes", 0)
+        request.state.body_bytes = 0
+
+
+async def read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body of {length} bytes is above the limit of {limit} bytes; send a smaller image")
@@ -138,6 +158,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"request body is above the limit of {limit} bytes; send a smaller image")
+        budget.take(request, len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -152,21 +173,23 @@ def single_values(items: Sequence[tuple[str, str]], where: str) -> dict[str, str
     return values
 
 
-async def read_images_and_params(request: Request, limits: Limits, max_images: int) -> tuple[list[bytes], dict[str, str]]:
+async def read_images_and_params(
+    request: Request, limits: Limits, budget: BodyBudget, max_images: int
+) -> tuple[list[bytes], dict[str, str]]:
     """The images (a raw image/* body, or the multipart fields `image`, in order) and the query +
     form parameters."""
     content_type = request.headers.get("content-type", "")
     params = single_values(request.query_params.multi_items(), "query")
     media = content_type.split(";")[0].strip().lower()
     if media.startswith("image/"):
-        return [await read_body(request, limits.max_body_bytes)], params
+        return [await read_body(request, limits.max_body_bytes, budget)], params
     if media != "multipart/form-data":
         raise ApiError(
             415,
             f"expected Content-Type image/* (the image as the body) or multipart/form-data with a field 'image', "
             f"found {content_type or 'none'!r}",
         )
-    body = await read_body(request, limits.max_body_bytes)
+    body = await read_body(request, limits.max_body_bytes, budget)
 
     async def stream() -> AsyncIterator[bytes]:
         yield body
@@ -228,6 +251,7 @@ class Service:
         self.draining = False
         self.batcher: Batcher | None = None
         self.decoder = concurrent.futures.ThreadPoolExecutor(limits.decode_threads, thread_name_prefix="decode")
+        self.bodies = BodyBudget(limits.max_inflight_bytes, limits.retry_after_s)
         cfg = tagger.model.config
         vocab_schema: dict[str, Any] = {"type": "string"}
         if self.runner.vocabs:
@@ -279,14 +303,14 @@ class Service:
     # -- endpoints -----------------------------------------------------------------
 
     async def tag(self, request: Request) -> Response:
-        images, params = await read_images_and_params(request, self.limits, self.limits.max_images)
+        images, params = await read_images_and_params(request, self.limits, self.bodies, self.limits.max_images)
         k, min_prob, vocab = (p.parse(params) for p in self.tag_params)
         results = await self._run(images, k, min_prob, vocab)
         answers = [{"labels": [{"label": label, "prob": float(p)} for label, p in labels]} for labels in results]
         return JSONResponse(answers[0] if len(answers) == 1 else {"results": answers})
 
     async def attention(self, request: Request) -> Response:
-        images, params = await read_images_and_params(request, self.limits, 1)
+        images, params = await read_images_and_params(request, self.limits, self.bodies, 1)
         layer, head = (p.parse(params) for p in self.attention_params)
         [grids] = await self._run(images, ATTENTION, 0.0, None)
         return JSONResponse(
@@ -370,6 +394,8 @@ class Service:
                 response = error(504, f"request timed out after {self.limits.timeout_s:g} s; retry later")
             except Exception as e:  # a bug answers 500 and the server goes on
                 response = error(500, f"internal error: {type(e).__name__}: {e}")
+            finally:
+                self.bodies.release(request)
             self.metrics.requests.labels(name, str(response.status_code)).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - start)
             return response

@@ -22,6 +22,7 @@ from nxtp_jax.cli.serve import serve
     ("--max_connections=0", "--max_connections=0"),
     ("--drain_s=-1", "--drain_s=-1: -1.0 is not a non-negative number"),
     ("--max_wait_ms=-1", "--max_wait_ms=-1: -1.0 is not a non-negative number"),
+    ("--max_inflight_mb=10", "--max_inflight_mb must be at least --max_body_mb (one request's body)"),
     ("--max_connections=100000000", "--max_connections=100000000 needs 100000256 open files, the limit is"),
 ])
 def test_a_bad_flag_is_one_line_and_exit_2_before_the_model_loads(capsys, flag, words):

@@ -20,7 +20,7 @@ from conftest import Server
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HEADER_TIMEOUT_S, KEEP_ALIVE_S, MAX_CONNECTIONS = 2.0, 1.0, 64
-MAX_PIXELS, DECODE_THREADS, MAX_QUEUE, MAX_BODY_MB = 9_000_000, 2, 8, 2.0
+MAX_PIXELS, DECODE_THREADS, MAX_QUEUE, MAX_BODY_MB, MAX_INFLIGHT_MB = 9_000_000, 2, 8, 2.0, 3.0
 IMAGE_SIZE = 32  # the tiny model's resolution R
 
 
@@ -31,7 +31,7 @@ def guarded(tiny_ckpt, tmp_path_factory) -> Server:
     keys.write_text(f"other-key\n{KEY}\n")
     server = Server(
         tiny_ckpt, "--max_batch=2", "--max_num_labels=10", f"--max_queue={MAX_QUEUE}", f"--max_pixels={MAX_PIXELS}",
-        f"--decode_threads={DECODE_THREADS}", f"--max_body_mb={MAX_BODY_MB}", f"--header_timeout_s={HEADER_TIMEOUT_S}",
+        f"--decode_threads={DECODE_THREADS}", f"--max_body_mb={MAX_BODY_MB}", f"--max_inflight_mb={MAX_INFLIGHT_MB}", f"--header_timeout_s={HEADER_TIMEOUT_S}",
         f"--keep_alive_s={KEEP_ALIVE_S}", f"--max_connections={MAX_CONNECTIONS}", f"--api_key_file={keys}",
         "--cors_origins=http://allowed.example", "--access_log", log=d / "guarded.log", open_files=1024,
     )
@@ -140,6 +140,27 @@ def test_1100_idle_sockets_under_a_1024_file_limit_lock_nobody_out_for_long(guar
             s.close()
 
 
+def test_uploads_beyond_the_body_budget_get_503_until_they_end(guarded):
+    def stalled_upload(size: int) -> socket.socket:
+        s = connect(guarded)
+        s.sendall(f"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {size + 1000}\r\n"
+                  f"Authorization: Bearer {KEY}\r\n\r\n".encode() + bytes(size))
+        return s
+
+    first = stalled_upload(1_600_000)  # 1.6 MB held; the budget is 3 MiB
+    try:
+        time.sleep(0.5)
+        with stalled_upload(1_600_000) as second:
+            second.settimeout(10)
+            reply = second.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 503") and b"too many uploads at once" in reply
+    finally:
+        first.close()
+    time.sleep(0.5)  # the closed upload releases its bytes: 1.9 MB more fit again
+    res = tag(guarded, b"\x89PNG" + bytes(1_900_000))
+    assert res.status_code == 400 and "does not decode" in res.json()["error"]
+
+
 def test_errors_of_the_http_layer_are_json(guarded):
     with connect(guarded) as s:
         s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
@@ -195,8 +216,8 @@ def _rss_kib(pid: int, field: str) -> int:
 
 
 def test_memory_under_full_load_stays_within_the_documented_bound(guarded):
-    """docs/serving.md: growth over the ready process <= max_connections x 3 x max_body
-    + decode_threads x 8 B x max_pixels + max_queue x 3 R^2 (+ what one batch needs).
+    """docs/serving.md: growth over the ready process <= 3 x max_inflight_mb
+    + decode_threads x 8 B x max_pixels + max_queue x 3 R^2.
     24 requests of 9-megapixel PNGs (small bodies), half of them attention, all at once."""
     image = png(np.zeros((3000, 3000, 3), np.uint8))  # 9 MP, ~30 kB
     pid = guarded.proc.pid
@@ -214,8 +235,7 @@ def test_memory_under_full_load_stays_within_the_documented_bound(guarded):
         answers = list(pool.map(call, range(24)))
     assert {r.status_code for r in answers} <= {200, 503} and sum(r.status_code == 200 for r in answers) >= 12
     growth = (_rss_kib(pid, "VmHWM") - before) * 1024
-    bound = (24 * 3 * len(image)  # the bodies of the 24 connections
-             + DECODE_THREADS * 8 * MAX_PIXELS + MAX_QUEUE * 3 * IMAGE_SIZE**2)
+    bound = 3 * MAX_INFLIGHT_MB * 2**20 + DECODE_THREADS * 8 * MAX_PIXELS + MAX_QUEUE * 3 * IMAGE_SIZE**2
     assert growth <= bound, f"grew {growth / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
 
 
