@@ -244,10 +244,16 @@ def test_cli_usage_errors_exit_2_without_writing(sources, tmp_path, capsys):
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_the_convert_hint_parses_with_the_converters_flags():
+def test_the_convert_hint_is_a_command_line_the_converter_accepts(tmp_path, monkeypatch, capsys):
     prog, *args = shlex.split(checkpoint.CONVERT_COMMAND)
     assert prog == convert_command.prog
     fv = convert_command.flag_values(args)
-    fv([prog, *args])  # raises on an unknown flag, a missing required one, or both LLaMA layouts
+    fv([prog, *args])  # raises on an unknown flag or a flag value that does not parse
     assert (fv.clip, fv.llama_dir, fv.llama_hf_dir, fv.tokenizer, fv.layers, fv.out) == (
         "ViT-L-14.pt", "llama-2-7b", None, "tokenizer.model", 6, "DIR")
+    # Run where none of its files exist: past every usage check (exit 2), it fails on a missing input.
+    monkeypatch.chdir(tmp_path)
+    assert convert_command(args) == 1
+    err = capsys.readouterr().err
+    assert "found nothing" in err and any(name in err for name in ("ViT-L-14.pt", "llama-2-7b", "tokenizer.model")), err
+    assert not (tmp_path / "DIR").exists()
