@@ -222,6 +222,11 @@ def _check_model(config, need) -> None:
             need(False, f"model.checkpoint: model.init is 'checkpoint' but no directory is given; {CONVERT_HINT}")
         elif not (epath.Path(ckpt) / "config.json").is_file():
             need(False, f"model.checkpoint: expected the CLIP + LLaMA checkpoint {ckpt}/config.json, found nothing; {CONVERT_HINT}")
+    need(
+        config.model.init == "checkpoint" or not config.model.checkpoint,
+        f"model.checkpoint: {config.model.checkpoint!r} is given but model.init is {config.model.init!r}, which would ignore "
+        "it; set --config.model.init=checkpoint to start from it, or drop model.checkpoint",
+    )
     if config.tokenizer.path:
         need(
             epath.Path(config.tokenizer.path).is_file(),

@@ -29,6 +29,8 @@ def test_the_demo_config_is_valid(tmp_path):
         ("epochs", -1, "epochs: expected >= 0, found -1"),
         ("eval.k", 0, "eval.k: expected >= 1 (labels per image), found 0"),
         ("eval.batch_size", -1, "eval.batch_size: expected >= 1, found -1"),
+        ("model.checkpoint", "gs://bucket/init", "model.checkpoint: 'gs://bucket/init' is given but model.init is 'scratch', "
+         "which would ignore it; set --config.model.init=checkpoint to start from it, or drop model.checkpoint"),
     ],
 )
 def test_out_of_range_settings_are_refused_in_one_line(tmp_path, field, value, message):
