@@ -21,7 +21,8 @@ from nxtp_jax.inference.tagger import default_dtype
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.params import ALL_ROWS
 from nxtp_jax.tokenizer import SPECIAL_TOKENS
-from nxtp_jax.training import inputs, optim, step as train_state
+from nxtp_jax.training import inputs, optim
+from nxtp_jax.training.step import StepOptions, abstract_state, jit_train_step, make_train_step
 from nxtp_jax.training.loop import build_model
 
 
@@ -53,14 +54,14 @@ def train(config: config_dict.ConfigDict, devices: Sequence[Any]) -> Program:
     vocab = experiment.sized_vocabulary(config)
     model = build_model(config, experiment.model_config(config, vocab), mesh)
     schedule, make_tx = optim.from_config(config)
-    state, frozen, tx = train_state.abstract_state(checkpoint.abstract_params(model, mesh, rules), tuple(config.trainable), make_tx, mesh)
+    state, frozen, tx = abstract_state(checkpoint.abstract_params(model, mesh, rules), tuple(config.trainable), make_tx, mesh)
     rows = None
     if tuple(config.embedding_rows) != (ALL_ROWS,):
         # sized_vocabulary puts the special tokens in SPECIAL_TOKENS order after the ordinary pieces.
         ids = [vocab.image_id + SPECIAL_TOKENS.index(token) for token in config.embedding_rows]
         rows = jnp.asarray(optim.embedding_row_mask(vocab.vocab_size, ids))
-    opts = train_state.StepOptions.from_config(config, model.config, vocab.delimiter_id)
-    step = train_state.make_train_step(model, tx, schedule, opts, rows)
+    opts = StepOptions.from_config(config, model.config, vocab.delimiter_id)
+    step = make_train_step(model, tx, schedule, opts, rows)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     spec = inputs.batch_spec(
         config.batch_size,
@@ -69,7 +70,7 @@ def train(config: config_dict.ConfigDict, devices: Sequence[Any]) -> Program:
         captions=config.weight_loss_cap > 0,
     )
     batch = _abstract(spec, lambda _: batch_sharding)
-    fn = train_state.jit_train_step(step, state, frozen, batch_sharding, mesh)
+    fn = jit_train_step(step, state, frozen, batch_sharding, mesh)
     return Program(
         "train", fn, (state, frozen, batch), {}, dict(mesh.shape), config.batch_size, mesh.devices.size, config.model.param_dtype
     )

@@ -17,7 +17,7 @@ from ml_collections import config_dict
 
 from nxtp_jax.data import registry, tar
 from nxtp_jax.data.samples import load_json, read_texts
-from nxtp_jax.evaluation import job as evaluate
+from nxtp_jax.evaluation import job
 
 BASELINE_KEY = "frequency_baseline"
 
@@ -49,15 +49,15 @@ def most_common(label_lists: Iterable[list[str]], k: int) -> list[str]:
 def frequency_baseline(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, max_samples: int = 100_000) -> dict[str, Any]:
     """Scores the baseline on the targets of the last evaluation in `workdir` and records it in eval_metrics.json."""
     workdir = epath.Path(workdir)
-    records_path = workdir / evaluate.RECORDS_FILE.format(dataset=config.eval.dataset)
-    metrics_path = workdir / evaluate.METRICS_FILE
+    records_path = workdir / job.RECORDS_FILE.format(dataset=config.eval.dataset)
+    metrics_path = workdir / job.METRICS_FILE
     if not records_path.is_file() or not metrics_path.is_file():
         raise FileNotFoundError(f"expected the evaluation outputs {records_path} and {metrics_path}; evaluate first")
     targets = [json.loads(line)["targets"] for line in records_path.read_text().splitlines() if line.strip()]
     summary = json.loads(metrics_path.read_text())
     shards = registry.resolve_shards(list(config.data.train), config.data.root, config.data.registry)
     labels = most_common(training_labels(shards, max_samples), summary["k"])
-    metric, embedder, _ = evaluate.make_metric(summary["embedder"])
+    metric, embedder, _ = job.make_metric(summary["embedder"])
     metric.update([labels] * len(targets), targets)
     result = {**metric.compute(), "labels": labels, "embedder": embedder}
     summary[BASELINE_KEY] = result
