@@ -105,3 +105,12 @@ def test_python_m_main_help_lists_its_flags_without_a_traceback():
     assert out.returncode == 0 and "Traceback" not in out.stderr
     for flag in ("--config", "--workdir", "--distributed", "--coordinator_address", "--verbose"):
         assert flag in out.stdout, flag
+
+
+def test_gs_paths_without_gcsfs_name_the_extra_in_one_line(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as where the gcs extra is not installed
+    assert main_cli.main(["--config=configs/demo.py:tiny", "--workdir=gs://bucket/run"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: gs:// paths need gcsfs") and err[-1].endswith('run: pip install -e ".[gcs]"')
+    assert not any("Traceback" in line for line in err)

@@ -31,9 +31,9 @@ class UsageError(Exception):
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Drops orbax's and grain's INFO records (several per checkpoint save, restore and data read); their warnings pass."""
+    """Drops orbax's, grain's and JAX's INFO records (per checkpoint save, data read, backend probe); their warnings pass."""
 
-    _PACKAGES = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain"))
+    _PACKAGES = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain", "jax"))  # jax: backend probing
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in self._PACKAGES)
