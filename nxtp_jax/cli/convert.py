@@ -1,6 +1,9 @@
 """`nxtp-convert` (or `python convert/from_torch.py`): PyTorch weights into an nxtp_jax checkpoint.
 
-Inputs: OpenAI CLIP + LLaMA-2, and optionally a released nxtp checkpoint.
+Inputs: OpenAI CLIP + LLaMA-2, and optionally a released nxtp checkpoint; or a released
+model by name or model card (`--model`), downloaded and checked as `nxtp-tag --model` does:
+
+    nxtp-convert --model=g3m --out=gs://bucket/nxtp-g3m
 
     nxtp-convert --clip=ViT-L-14.pt --llama_dir=llama-2-7b \\
         --tokenizer=tokenizer.model --layers=6 --out=ckpts/nxtp-init
@@ -26,15 +29,18 @@ import sys
 from absl import flags
 
 from nxtp_jax.choices import DTYPES
-from nxtp_jax.cli.command import Command
+from nxtp_jax.cli.command import Command, UsageError
 
 
 def define(fv: flags.FlagValues, argv: list[str]) -> None:
-    flags.DEFINE_string("clip", None, "OpenAI CLIP archive (ViT-L-14.pt) or a state dict with its keys.", flag_values=fv, required=True)
+    flags.DEFINE_string("model", None, "A released model (g3m, g70m) or model card .json instead of the files below: "
+                        "downloaded, checked and converted into --out (--llama_dir / --tokenizer: local stand-ins for the "
+                        "gated LLaMA files).", flag_values=fv)
+    flags.DEFINE_string("clip", None, "OpenAI CLIP archive (ViT-L-14.pt) or a state dict with its keys.", flag_values=fv)
     flags.DEFINE_string("llama_dir", None, "Meta layout: params.json + consolidated.*.pth (a Hugging Face folder works too).", flag_values=fv)
     flags.DEFINE_string("llama_hf_dir", None, "Hugging Face layout: config.json + *.safetensors / pytorch_model*.bin.", flag_values=fv)
-    flags.mark_flags_as_mutual_exclusive(["llama_dir", "llama_hf_dir"], required=True, flag_values=fv)
-    flags.DEFINE_string("tokenizer", None, "LLaMA's sentencepiece tokenizer.model.", flag_values=fv, required=True)
+    flags.mark_flags_as_mutual_exclusive(["llama_dir", "llama_hf_dir"], flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "LLaMA's sentencepiece tokenizer.model.", flag_values=fv)
     flags.DEFINE_string("nxtp_ckpt", None, "Released nxtp checkpoint (trained params), merged over CLIP and LLaMA.", flag_values=fv)
     flags.DEFINE_integer("layers", None, "LLaMA blocks to keep (6 in the paper; default: the nxtp checkpoint's).", flag_values=fv, lower_bound=1)
     flags.DEFINE_integer(
@@ -60,6 +66,18 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
     from nxtp_jax import checkpoint  # JAX, and torch (the convert extra): not imported for --help
     from nxtp_jax.weights import convert, save
 
+    if fv.model:
+        from nxtp_jax import pretrained
+
+        if given := [f"--{n}" for n in ("clip", "llama_hf_dir", "nxtp_ckpt", "layers", "image_size") if fv[n].present]:
+            raise UsageError(f"--model names every input; drop {', '.join(given)}")
+        pretrained.convert_into(fv.model, fv.out, llama_dir=fv.llama_dir, tokenizer=fv.tokenizer, dtype=fv.dtype)
+        print(f"wrote {fv.out}")
+        return
+    if missing := [f"--{n}" for n in ("clip", "tokenizer") if fv[n].value is None] + (
+        [] if fv.llama_dir or fv.llama_hf_dir else ["--llama_dir or --llama_hf_dir"]
+    ):
+        raise UsageError(f"expected --model, or the files: missing {', '.join(missing)}")
     llama_dir, llama_hf_dir = llama_folders(fv.llama_dir, fv.llama_hf_dir)
     checkpoint.check_new_dir(fv.out)
     conversion = convert(

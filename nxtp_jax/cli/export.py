@@ -1,6 +1,6 @@
 """`nxtp-export` (or `python convert/to_onnx.py`): an nxtp_jax checkpoint to ONNX, checked against JAX.
 
-    nxtp-export --ckpt=DIR --out=ONNX_DIR [--dtype=float32|float16] [--quantize=none|int8|int4 [--accuracy_level=4|0]] [--opset=N]
+    nxtp-export --ckpt=DIR|--model=g3m --out=ONNX_DIR [--dtype=float32|float16] [--quantize=none|int8|int4 [--accuracy_level=4|0]] [--opset=N]
 
 Writes encoder.onnx, decoder.onnx + decoder.onnx.data (one graph for the prefill and the
 KV-cached steps), embeddings.npy, tokenizer.model and config.json; run the result with
@@ -16,12 +16,13 @@ import time
 from absl import flags
 
 from nxtp_jax.choices import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, EXPORT_DTYPES, QUANTIZE
+from nxtp_jax.cli import model_flag
 from nxtp_jax.cli.command import Command
 from nxtp_jax.errors import NxtpError
 
 
 def define(fv: flags.FlagValues, argv: list[str]) -> None:
-    flags.DEFINE_string("ckpt", None, "nxtp_jax checkpoint directory (nxtp-convert or training).", flag_values=fv, required=True)
+    model_flag.define(fv, "nxtp_jax checkpoint directory (nxtp-convert or training)")
     flags.DEFINE_string("out", None, "Output directory (must not hold an export yet).", flag_values=fv, required=True)
     flags.DEFINE_enum("dtype", "float32", EXPORT_DTYPES, "Weights' dtype (activations stay float32).", flag_values=fv)
     flags.DEFINE_enum(
@@ -53,7 +54,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
 
     start = time.perf_counter()
     onnx_export.export_checkpoint(
-        fv.ckpt, fv.out, dtype=fv.dtype, quantize=fv.quantize, accuracy_level=int(fv.accuracy_level), opset=fv.opset,
+        model_flag.resolve(fv), fv.out, dtype=fv.dtype, quantize=fv.quantize, accuracy_level=int(fv.accuracy_level), opset=fv.opset,
         check=not fv.no_check,
     )
     for name, size in onnx_export.file_sizes(fv.out).items():

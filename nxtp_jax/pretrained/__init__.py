@@ -264,7 +264,10 @@ def _local(key: str, path: pathlib.Path) -> tuple[str, dict[str, str]]:
     return str(path), {"source": str(path.resolve()), "sha256": h["sha256"], "md5": h["md5"]}
 
 
-def _convert(card: dict[str, Any], out: str | os.PathLike, llama_dir: pathlib.Path | None, tokenizer: pathlib.Path | None) -> None:
+def _convert(
+    card: dict[str, Any], out: str | os.PathLike, llama_dir: pathlib.Path | None, tokenizer: pathlib.Path | None,
+    dtype: str = CONVERT_DTYPE,
+) -> None:
     files: dict[str, tuple[str, dict[str, str]]] = {}
     for key in INPUTS:
         if key == "tokenizer" and (tokenizer or (llama_dir and (llama_dir / "tokenizer.model").is_file())):
@@ -285,7 +288,7 @@ def _convert(card: dict[str, Any], out: str | os.PathLike, llama_dir: pathlib.Pa
             tokenizer_path=files["tokenizer"][0],
             nxtp_ckpt=files["checkpoint"][0],
             layers=card["layers"],
-            dtype=CONVERT_DTYPE,
+            dtype=dtype,
             **{layout: header},
         )
     release = {"name": card["name"], "license": card["license"], "card": _identity(card),
@@ -328,13 +331,15 @@ def convert_into(
     *,
     llama_dir: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
+    dtype: str = CONVERT_DTYPE,
 ) -> None:
     """Downloads (or reuses the Hub cache), checks and converts a released model into `out` (new or empty; gs:// works)."""
     if os.path.isdir(model):
         raise NxtpError(f"expected a released model ({', '.join(names())}) or a model card .json, found the directory {os.fspath(model)!r}")
     card = load_card(model)
+    checkpoint.check_new_dir(out)  # before any download
     _print_licence(card)
-    _convert(card, out, _optional_path(llama_dir), _optional_path(tokenizer))
+    _convert(card, out, _optional_path(llama_dir), _optional_path(tokenizer), dtype)
 
 
 def _optional_path(path: str | os.PathLike | None) -> pathlib.Path | None:

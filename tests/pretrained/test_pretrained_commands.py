@@ -62,3 +62,25 @@ def test_eval_config_ckpt_takes_a_released_models_card(hub, card, tmp_path, monk
     with pytest.raises(_Stop):
         job.evaluate(config, tmp_path / "work")
     assert seen == [str(tmp_path / "nxtp" / "tiny")]
+
+
+def test_nxtp_convert_model_writes_the_released_model_where_asked(hub, card, tmp_path):
+    from nxtp_jax import checkpoint
+    from nxtp_jax.cli.convert import convert_command
+
+    out = tmp_path / "mine" / "g3m-copy"
+    assert convert_command([f"--model={card}", f"--out={out}"]) == 0
+    meta = checkpoint.read_meta(out)
+    assert meta["release"]["name"] == "tiny" and meta["provenance"]["dtype"] == "float32"
+    assert not (tmp_path / "nxtp").exists()  # written where asked, not into the cache
+    images = random_images(1, 16, seed=4)
+    assert Tagger.load(out).predict(images, num_labels=5) == Tagger.from_pretrained(card).predict(images, num_labels=5)
+
+
+def test_nxtp_convert_model_refuses_file_inputs_beside_it_and_asks_for_them_without(card, tmp_path, capsys):
+    from nxtp_jax.cli.convert import convert_command
+
+    assert convert_command([f"--model={card}", "--clip=ViT-L-14.pt", f"--out={tmp_path / 'x'}"]) == 2
+    assert "error: --model names every input; drop --clip" in capsys.readouterr().err
+    assert convert_command([f"--out={tmp_path / 'x'}", "--llama_dir=llama"]) == 2
+    assert "error: expected --model, or the files: missing --clip, --tokenizer" in capsys.readouterr().err
