@@ -21,7 +21,6 @@ import resource
 import signal
 from typing import Callable, Iterator
 
-import h11
 import uvicorn
 from absl import logging
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -70,13 +69,15 @@ def protocol(*, header_timeout_s: float, max_connections: int) -> type[H11Protoc
                 self.transport.close()
                 return
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # complete headers arrived
+            if self.cycle is not None and not self.cycle.response_complete:  # a request's headers are in
                 self._cancel_header_timer()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                self._arm_header_timer()  # the next request's headers get the same deadline
+            if not self.transport.is_closing() and self.cycle.response_complete:  # no pipelined request started
+                # The next request's headers get the same deadline, and so does the rest of
+                # an unread body of the last one (after a 413, say).
+                self._arm_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()

@@ -105,6 +105,21 @@ def test_headers_sent_at_a_byte_per_half_second_are_cut_off(guarded):
     assert sent < len(request) and HEADER_TIMEOUT_S - 0.2 <= elapsed < HEADER_TIMEOUT_S + 1.5
 
 
+def test_a_body_trickled_after_its_answer_is_cut_off(guarded):
+    with connect(guarded) as s:
+        s.sendall(f"POST /v1/tag HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000000\r\n"
+                  f"Authorization: Bearer {KEY}\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 413")  # from Content-Length, before the body
+        start = time.monotonic()
+        while closed_within([s], 0.0) != [] and time.monotonic() - start < HEADER_TIMEOUT_S + 3:
+            try:
+                s.sendall(b"x" * 10)  # the body it announced, slowly
+            except ConnectionError:
+                break
+            time.sleep(0.25)
+        assert closed_within([s], 0.5) == [] and time.monotonic() - start < HEADER_TIMEOUT_S + 1.5
+
+
 def test_an_idle_keep_alive_connection_is_closed(guarded):
     with connect(guarded) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
