@@ -8,6 +8,8 @@ STRATEGIES = ("one_shot", "greedy", "beam")
 # Label rankings of Appendix A; "clip" re-ranks with OpenAI's CLIP and exists only in evaluation.
 RANKINGS = ("prob", "ppl", "sim", "none")
 EVAL_RANKINGS = RANKINGS + ("clip",)
+# Beam search records no probabilities: the rankings that need none.
+BEAM_RANKINGS = ("sim", "none", "clip")
 # Embedders of the semantic F-score (docs/method.md §6).
 EMBEDDERS = ("minilm", "exact", "clip")
 # Where training and evaluation targets come from: json labels else caption nouns, caption nouns, none.

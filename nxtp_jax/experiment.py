@@ -129,7 +129,7 @@ def tokenizer_path(config: config_dict.ConfigDict, workdir: str | os.PathLike) -
         return epath.Path(config.tokenizer.path)
     if config.model.init == "checkpoint":
         return checkpoint.tokenizer_path(config.model.checkpoint)
-    return epath.Path(workdir) / "tokenizer.model"
+    return epath.Path(workdir) / checkpoint.TOKENIZER_FILE
 
 
 def embedding_row_ids(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> list[int] | None:
@@ -220,8 +220,8 @@ def _check_model(config, need) -> None:
         ckpt = config.model.checkpoint
         if not ckpt:
             need(False, f"model.checkpoint: model.init is 'checkpoint' but no directory is given; {CONVERT_HINT}")
-        elif not (epath.Path(ckpt) / "config.json").is_file():
-            need(False, f"model.checkpoint: expected the CLIP + LLaMA checkpoint {ckpt}/config.json, found nothing; {CONVERT_HINT}")
+        elif not (epath.Path(ckpt) / checkpoint.CONFIG_FILE).is_file():
+            need(False, f"model.checkpoint: expected the CLIP + LLaMA checkpoint {epath.Path(ckpt) / checkpoint.CONFIG_FILE}, found nothing; {CONVERT_HINT}")
     need(
         config.model.init == "checkpoint" or not config.model.checkpoint,
         f"model.checkpoint: {config.model.checkpoint!r} is given but model.init is {config.model.init!r}, which would ignore "

@@ -46,7 +46,7 @@ FILES = {
     "encoder": "encoder.onnx",
     "decoder": "decoder.onnx",
     "embeddings": "embeddings.npy",
-    "tokenizer": "tokenizer.model",
+    "tokenizer": checkpoint.TOKENIZER_FILE,  # the checkpoint's sentencepiece model, copied under its name
 }
 
 

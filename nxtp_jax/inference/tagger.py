@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nxtp_jax import checkpoint, objective, pretrained, prompts
-from nxtp_jax.choices import DEFAULT_NUM_LABELS, QUANTIZE, STRATEGIES
+from nxtp_jax.choices import BEAM_RANKINGS, DEFAULT_NUM_LABELS, QUANTIZE, STRATEGIES
 from nxtp_jax.inference import decoding, ranking, sampling, vocabulary
 from nxtp_jax.inference.vocabulary import Vocabulary
 from nxtp_jax.models import mask
@@ -32,7 +32,7 @@ MAX_SEQ_LEN = 512  # image tokens + text, as the released models were trained
 def check_decoding(strategy: str, ranking_method: str) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    if strategy == "beam" and ranking_method not in ("sim", "none", "clip"):
+    if strategy == "beam" and ranking_method not in BEAM_RANKINGS:
         raise ValueError(f"beam search records no probabilities: rank by 'sim' or 'none', not {ranking_method!r}")
 
 
