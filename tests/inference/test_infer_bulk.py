@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nxtp_jax.cli.tag import tag_command
 from nxtp_jax.inference.bulk import iter_images, output_path, prepare_output, read_done, tag_to_file
 from nxtp_jax.inference.tagger import Tagger
 from tiny_models import random_images
@@ -64,11 +65,10 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_killed_run_resumes_with_every_image_exactly_once(tiny_ckpt, inputs, tmp_path):
+def test_killed_run_resumes_with_every_image_exactly_once(tiny_ckpt, inputs, tmp_path, capsys):
     out = tmp_path / "out" / "tags.jsonl"
-    cmd = [sys.executable, "-m", "nxtp_jax.infer", f"--ckpt={tiny_ckpt}", "--num_labels=3", "--batch_size=2",
-           f"--output={out}", *inputs["order"]]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = [f"--ckpt={tiny_ckpt}", "--num_labels=3", "--batch_size=2", f"--output={out}", *inputs["order"]]
+    first = subprocess.Popen([sys.executable, "-m", "nxtp_jax.infer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 600
         while len(_lines(out)) < 4:  # the directory's two batches; then it blocks on the FIFO
@@ -84,9 +84,9 @@ def test_killed_run_resumes_with_every_image_exactly_once(tiny_ckpt, inputs, tmp
     os.unlink(inputs["fifo"])
     Image.fromarray(inputs["fifo_image"]).save(inputs["fifo"], format="PNG")
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr
-    assert "tagged 3 image(s), 2 could not be read; 4 were already there" in second.stderr
+    capsys.readouterr()
+    assert tag_command(args) == 0  # the rerun, in process
+    assert "tagged 3 image(s), 2 could not be read; 4 were already there" in capsys.readouterr().err
     lines = _lines(out)
     assert [x["image"] for x in lines] == inputs["keys"]  # each exactly once, in input order
     assert {x["image"] for x in lines if "error" in x} == inputs["bad"]
@@ -102,8 +102,8 @@ def test_killed_run_resumes_with_every_image_exactly_once(tiny_ckpt, inputs, tmp
         # Batches of 2 here, of 6 in the reference: XLA rounds differently per batch shape.
         np.testing.assert_allclose([x["prob"] for x in got], [p for _, p in w], rtol=1e-4)
 
-    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # nothing left to do
-    assert third.returncode == 0 and "tagged 0 image(s), 0 could not be read; 9 were already there" in third.stderr
+    assert tag_command(args) == 0  # nothing left to do
+    assert "tagged 0 image(s), 0 could not be read; 9 were already there" in capsys.readouterr().err
     assert [x["image"] for x in _lines(out)] == inputs["keys"]
 
 
@@ -177,7 +177,7 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path, i
         first.close()
     assert not (tmp_path / "tags.jsonl.lock").exists()
     # A run killed while holding the lock leaves its file, but not the lock.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nxtp_jax.inference.bulk import prepare_output; "
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from nxtp_jax.inference.bulk import prepare_output; "
                                f"prepare_output({str(out)!r}, 0, 1); print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
