@@ -40,7 +40,7 @@ QUANT_BLOCK = 128  # MatMulNBits' block along K: its block size is a power of tw
 # MatMulNBits' arithmetic (choices.ACCURACY_LEVELS): 0 float32 (activations stay float), 4 int8
 # (activations quantized per block at each product). ORT 1.32 has no fast 8-bit kernel with
 # float32 arithmetic on AVX2: 9 against fp32's 108 GFLOP/s for a [20, 4096] x [4096, 11008]
-# product, 96 with level 4 (scripts/bench_cpu.py --matmuls).
+# product, 96 with level 4 (python -m benchmarks.cpu --matmuls).
 EXTERNAL_BYTES = 1024 * 1024  # initializers this large go to <graph>.onnx.data (jax2onnx's threshold)
 FILES = {
     "encoder": "encoder.onnx",

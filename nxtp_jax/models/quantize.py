@@ -10,7 +10,7 @@
 
 Why transposed: the sampler multiplies k rows (20) by each weight. XLA's CPU dot runs that
 [k, K] x [K, N] product at 28-52 GFLOP/s on a 2-core AVX2 machine, but the same product as
-[N, K] x [K, k] at 70-94 (scripts/bench_cpu.py --matmuls). Both layouts sum the same products.
+[N, K] x [K, k] at 70-94 (python -m benchmarks.cpu --matmuls). Both layouts sum the same products.
 
 Why tiles: XLA hoists a loop-invariant `convert(int8 -> f32)` of a whole weight out of the
 sampler's `while_loop`, so a plain `q.astype(f32) @ x` would make one fp32 copy of every weight

@@ -1,39 +1,36 @@
 """The accelerator goals in one run, with random weights: latency, eval throughput, training.
 
-    python scripts/bench_accelerator.py --out bench.json          # one GPU/TPU: the 1.78B model, about 8 minutes
-    python scripts/bench_accelerator.py --tiny --out tiny.json   # any CPU: tiny configs, end to end, under 2 minutes
+    python -m benchmarks.accelerator --out bench.json          # one GPU/TPU: the 1.78B model, about 8 minutes
+    python -m benchmarks.accelerator --tiny --out tiny.json   # any CPU: tiny configs, end to end, under 2 minutes
 
 - latency: the 1.78B model (ViT-L/14 + 6 LLaMA-2 7B blocks) in bf16, `Tagger.predict` top-10
   on one image, warm, ms per image; and the mean number of sampling updates it ran. Random
   weights never emit the delimiter, so every branch runs to the cap (19): the slowest case.
   Goal <= 25 ms (the paper: 123 ms on an A100, recomputing the sequence at every step).
-- eval: images/s of the eval loop (`evaluate.run`, bench_eval.py's in-memory loader) at
+- eval: images/s of the eval loop (`evaluate.run`, benchmarks.evaluation's in-memory loader) at
   batch 64, top-10, the metric included (the default `minilm` embedder; exact matching,
   named in the table, where its weights are missing). Goal >= 84 images/s (COCO-val's 5,000
   images in under 60 s).
 - training: samples/s and MFU of the g3m recipe (configs/g3m.py: trainable set, dtypes,
   sequence length) on one device, at the largest of --train_batches that fits
-  (bench_train.py's step and FLOP count). Goal >= 100 samples/s and MFU >= 40%.
+  (benchmarks.train's step and FLOP count). Goal >= 100 samples/s and MFU >= 40%.
 
-Prints one table and writes it as JSON (--out). bench_train.py's flags (--steps, --warmup,
+Prints one table and writes it as JSON (--out). benchmarks.train's flags (--steps, --warmup,
 --peak_tflops, --vocab_size) apply to the training part.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import pathlib
 import sys
-import tempfile
 import time
-import types
 
 from absl import app, flags
 
-import bench_eval  # scripts/ is on the path when a script runs
-import bench_infer
-import bench_train
+from benchmarks import common, evaluation, train
 
 _OUT = flags.DEFINE_string("out", "", "Write the table here as JSON.")
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny configs that run end to end on a CPU (a smoke run, not a measurement).")
@@ -41,7 +38,6 @@ _TRAIN_BATCHES = flags.DEFINE_list("train_batches", ["96", "64", "48", "32", "16
 _EVAL_IMAGES = flags.DEFINE_integer("eval_images", 1280, "Images through the eval loop (after a compiling batch).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Warm latency calls (median).")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 K = 10
 EVAL_BATCH = 64
 # Goals from the project's issue: (key, comparison, value).
@@ -88,7 +84,7 @@ def latency_and_eval(tiny: bool) -> dict:
     from nxtp_jax.inference.tagger import Tagger
     from nxtp_jax.models.recognizer import Recognizer, init_params
 
-    tok = bench_eval.IdTokenizer(bench_infer.bench_tokenizer().model_path)
+    tok = common.id_tokenizer(common.bench_tokenizer().model_path)
     config = model_config(tiny, tok)
     model = Recognizer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     t0 = time.perf_counter()
@@ -101,15 +97,8 @@ def latency_and_eval(tiny: bool) -> dict:
     rng = np.random.default_rng(0)
     one = Tagger(model, params, tok, batch_size=1)
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    t0 = time.perf_counter()
-    one.predict([image], num_labels=K, ranking_method="prob")
-    out["latency_first_call_s"] = time.perf_counter() - t0
-    warm = []
-    for _ in range(_REPEATS.value):
-        t0 = time.perf_counter()
-        one.predict([image], num_labels=K, ranking_method="prob")
-        warm.append(time.perf_counter() - t0)
-    out["latency_ms_per_image"] = float(np.median(warm)) * 1e3
+    first, warm, _ = common.timed(lambda: one.predict([image], num_labels=K, ranking_method="prob"), _REPEATS.value)
+    out["latency_first_call_s"], out["latency_ms_per_image"] = first, warm * 1e3
     sampled = one.sample(jnp.asarray(one.preprocess([image])), K)
     out["decode_updates_mean"] = decode_updates(sampled["tokens"], tok.delimiter_id)
 
@@ -129,7 +118,7 @@ def latency_and_eval(tiny: bool) -> dict:
     except (ImportError, OSError) as e:  # weights package absent or unreadable
         metric, embedder, note = evaluate.make_metric("exact")[0], "exact", f"MiniLM unavailable ({e}); exact matching"
         print(f"WARNING: {note}", flush=True)
-    result = evaluate.run(predictor, bench_eval.MemoryLoader(images, targets, EVAL_BATCH), metric, progress=False)
+    result = evaluate.run(predictor, evaluation.MemoryLoader(images, targets, EVAL_BATCH), metric, progress=False)
     t = result.timing
     out.update(
         eval_images=len(result.records),
@@ -146,9 +135,9 @@ def training(tiny: bool) -> dict:
 
     from nxtp_jax import experiment
 
-    name = "demo.py" if tiny else "g3m.py"
-    print(f"training: {name}, batches {_TRAIN_BATCHES.value}", flush=True)
-    config = experiment.load_config_module(str(REPO / "configs" / name), name).get_config()
+    name = "demo" if tiny else "g3m"
+    print(f"training: configs/{name}.py, batches {_TRAIN_BATCHES.value}", flush=True)
+    config = importlib.import_module(f"nxtp_jax.configs.{name}").get_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
     mesh = experiment.make_mesh(config)
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
@@ -156,7 +145,7 @@ def training(tiny: bool) -> dict:
     for batch in [int(b) for b in _TRAIN_BATCHES.value]:
         config.batch_size = batch
         try:
-            r = bench_train.measure(config, mesh, rules, bench_train._STEPS.value, bench_train._WARMUP.value)
+            r = train.measure(config, mesh, rules, train._STEPS.value, train._WARMUP.value)
         except Exception as e:  # XLA reports out-of-memory as a runtime error at compile or run time
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -186,8 +175,8 @@ def table(results: dict) -> str:
             op, target = goal
             met = value <= target if op == "<=" else value >= target
             text += f"   (goal {op} {target:g}: {'met' if met else 'NOT met'})"
-        rows.append(f"| {key} | {text} |")
-    return "\n".join(["| figure | value |", "|---|---|"] + rows)
+        rows.append((key, text))
+    return common.table(["figure", "value"], rows)
 
 
 def main(argv) -> None:
@@ -204,6 +193,7 @@ def main(argv) -> None:
     start = time.perf_counter()
     device = jax.devices()[0]
     results = {
+        "machine": common.machine(),
         "device": f"{device.device_kind} ({device.platform}), {jax.device_count()} device(s) visible, one used",
         "mode": "tiny (smoke run, not the goals' model)" if tiny else "1.78B model, random weights",
         "jax": jax.__version__,

@@ -1,7 +1,6 @@
 """This CPU's limits, measured with numpy: memory bandwidth (STREAM-like, all cores) and the fp32 matmul rate.
 
-    python scripts/bench_cpu_floor.py                 # prints both
-    from bench_cpu_floor import measure, floor         # used by scripts/bench_cpu.py
+benchmarks.cpu measures them before and after its runs and sets each figure beside its floor.
 
 Bandwidth: one thread per core, each over its own slice of arrays far larger than the caches
 (numpy releases the GIL in its loops, so the threads run at once). Three kernels, bytes counted
@@ -17,7 +16,6 @@ max(bytes it must read / bandwidth, FLOPs / matmul rate), summed over phases.
 
 from __future__ import annotations
 
-import argparse
 import os
 import threading
 import time
@@ -96,17 +94,3 @@ def floor(phases: list[tuple[float, float]], bandwidth_gbs: float, matmul_gflops
     """Seconds: the sum over phases (bytes, FLOPs) of max(bytes / bandwidth, FLOPs / matmul rate)."""
     return sum(max(b / (bandwidth_gbs * 1e9), f / (matmul_gflops * 1e9)) for b, f in phases)
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None, help="bandwidth threads (default: one per core)")
-    args = ap.parse_args()
-    m = measure(args.threads)
-    load = os.getloadavg()[0]
-    print(f"{os.cpu_count()} cores, load average {load:.2f}")
-    print(f"bandwidth GB/s: read {m['read']:.1f}, copy {m['copy']:.1f}, triad {m['triad']:.1f}")
-    print(f"fp32 matmul: {m['matmul']:.0f} GFLOP/s")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""The HTTP service under a bounded load on loopback: dynamic batching vs `--max_batch=1`.
+"""Service: the HTTP service under a bounded load on loopback: dynamic batching vs `--max_batch=1`.
 
 For each model, a checkpoint with random weights is written to a temporary directory and
 served twice by `python -m nxtp_jax.serve` (same weights, same requests): once with dynamic
@@ -6,11 +6,11 @@ batching (`--max_batch=16 --max_wait_ms=20`), once with `--max_batch=1`. N concu
 number of `POST /v1/tag` requests (k=10), then stop. Prints throughput, p50 and p99
 latency, failed requests and the mean device batch per run, and the throughput ratio.
 
-    python scripts/bench_serve.py                          # demo + mid-size, 16 clients
-    python scripts/bench_serve.py --models demo --clients 4 16 --requests_demo 64
+    python -m benchmarks.serve                          # demo + mid-size, 16 clients
+    python -m benchmarks.serve --models demo --clients 4 16 --requests_demo 64
 
 Models: `demo` is configs/demo.py's recognizer (ViT 256x2/8 @64 px + 2 blocks x 128);
-`mid` is scripts/bench_infer.py's (ViT-B/16 @224 px + 2 blocks x 2048), here with the
+`mid` is `benchmarks.cpu --sampler`'s (ViT-B/16 @224 px + 2 blocks x 2048), here with the
 benchmark tokenizer's vocabulary instead of 32002 rows, so that every sampled id decodes.
 Random weights never emit the delimiter: every branch runs to the cap (the worst case).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import io
-import os
 import pathlib
 import re
 import socket
@@ -35,12 +34,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from bench_infer import bench_tokenizer  # noqa: E402
-
-from nxtp_jax import checkpoint  # noqa: E402
-from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig  # noqa: E402
-from nxtp_jax.models.recognizer import Recognizer, init_params  # noqa: E402
+from benchmarks import common
+from nxtp_jax import checkpoint
+from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
+from nxtp_jax.models.recognizer import Recognizer, init_params
 
 MODELS = {
     "demo": dict(vision=(256, 2, 8, 64), decoder=dict(dim=128, layers=2, n_heads=4, multiple_of=32)),
@@ -50,7 +47,7 @@ MODELS = {
 
 def write_checkpoint(name: str, root: pathlib.Path) -> tuple[pathlib.Path, int]:
     tok_path = root / f"{name}.model"
-    tok = bench_tokenizer(tok_path)
+    tok = common.bench_tokenizer(tok_path)
     spec = MODELS[name]
     config = ModelConfig(
         vision=VisionConfig(*spec["vision"]),
@@ -131,7 +128,7 @@ def load(url: str, images: list[bytes], clients: int, requests: int) -> dict:
             "batch": (images1 - images0) / max(n1 - n0, 1)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["demo", "mid"], choices=sorted(MODELS))
     ap.add_argument("--clients", type=int, nargs="+", default=[16])
@@ -139,9 +136,9 @@ def main() -> None:
     ap.add_argument("--max_wait_ms", type=float, default=20.0)
     ap.add_argument("--requests_demo", type=int, default=128, help="requests per run on the demo model")
     ap.add_argument("--requests_mid", type=int, default=32, help="requests per run on the mid-size model")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
-    print(f"machine: {os.cpu_count()} CPU(s), JAX {jax.__version__} on {jax.devices()[0].device_kind}")
+    print(common.machine())
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,13 +166,13 @@ def main() -> None:
                     proc.terminate()
                     proc.wait()
 
-    print(f"\n| model | --max_batch | clients | requests | req/s | p50 (s) | p99 (s) | failed | mean batch | vs --max_batch=1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     base = {(m, c): r["throughput"] for m, _, b, c, _, _, r in rows if b == 1}
-    for m, n, b, c, req, _, r in rows:
-        ratio = f"**{r['throughput'] / base[(m, c)]:.1f}x**" if b != 1 else "1.0x"
-        print(f"| {m} ({n / 1e6:.0f}M) | {b} | {c} | {req} | {r['throughput']:.2f} | {r['p50']:.2f} | "
-              f"{r['p99']:.2f} | {r['failed']} | {r['batch']:.1f} | {ratio} |")
+    headers = ["model", "--max_batch", "clients", "requests", "req/s", "p50 (s)", "p99 (s)", "failed", "mean batch", "vs --max_batch=1"]
+    print("\n" + common.table(headers, [
+        (f"{m} ({n / 1e6:.0f}M)", b, c, req, f"{r['throughput']:.2f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", r["failed"],
+         f"{r['batch']:.1f}", f"**{r['throughput'] / base[(m, c)]:.1f}x**" if b != 1 else "1.0x")
+        for m, n, b, c, req, _, r in rows
+    ]))
 
 
 if __name__ == "__main__":

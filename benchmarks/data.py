@@ -1,6 +1,6 @@
-"""Data pipeline throughput: 512px JPEG shards -> 224px uint8 batches, against the decode ceiling.
+"""Data loading: pipeline throughput, 512px JPEG shards -> 224px uint8 batches, against the decode ceiling.
 
-    python scripts/bench_data.py --workers 0 1 2
+    python -m benchmarks.data --workers 0 1 2
 
 Writes temporary shards of 512x512 JPEGs, then measures in one run:
 - the ceiling: single-image PIL decode + RGB + resize/center-crop on one core (best of
@@ -22,6 +22,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from benchmarks import common
+
 
 def natural_image(rng: np.random.Generator, size: int) -> bytes:
     """A smooth random field plus fine noise: JPEG-compresses like a photo, unlike pure noise."""
@@ -34,9 +36,9 @@ def natural_image(rng: np.random.Generator, size: int) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num_images", type=int, default=256)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
@@ -105,13 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         jax.block_until_ready(normalize(jax.device_put(images)))
     device_ms = (time.perf_counter() - start) / reps * 1e3
 
-    print(f"machine: {cores} CPU cores, jax backend {jax.default_backend()}; "
-          f"{args.num_images} JPEGs of 512x512 -> {args.image_size}px, batch {args.batch_size}")
-    print()
-    print("| what | images/s | note |")
-    print("|---|---|---|")
-    for name, rate, note in rows:
-        print(f"| {name} | {rate:.0f} | {note} |")
+    print(f"{common.machine()}; {args.num_images} JPEGs of 512x512 -> {args.image_size}px, batch {args.batch_size}\n")
+    print(common.table(["what", "images/s", "note"], [(name, f"{rate:.0f}", note) for name, rate, note in rows]))
     print()
     print(f"normalise a [{args.batch_size}, {args.image_size}, {args.image_size}, 3] batch: host float32 + transfer "
           f"{host_ms:.1f} ms ({host.nbytes / 1e6:.1f} MB), uint8 transfer + jit on device {device_ms:.1f} ms "
