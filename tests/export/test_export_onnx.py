@@ -116,7 +116,7 @@ def test_cached_sampling_equals_jax_one_shot(capped, ended, images, k):
         pixels = ort_tagger.preprocess(images)
         tokens, probs = ort_tagger.sample(pixels, k)
         want_tokens, want_probs = sampling.one_shot(
-            tagger.model, tagger.params, jnp.asarray(tagger.preprocess(images)), tagger.prompt, k=k,
+            tagger.model, tagger.checkpoint_params(), jnp.asarray(tagger.preprocess(images)), tagger.prompt, k=k,
             delimiter_id=tagger.tokenizer.delimiter_id,
         )
         want_tokens, want_probs = np.asarray(want_tokens), np.asarray(want_probs)

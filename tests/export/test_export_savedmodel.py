@@ -30,7 +30,7 @@ def test_savedmodel_outputs_equal_jax(tmp_path, sp_model_path):
     assert len(diffs) == 5 and max(diffs) < 1e-4
 
     tagger = Tagger.load(ckpt)
-    model, params, cfg = tagger.model, tagger.params, tagger.model.config
+    model, params, cfg = tagger.model, tagger.checkpoint_params(), tagger.model.config
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
     images = random_images(2, 40, seed=5)
     pixels = np.stack([preprocess.resize_center_crop(preprocess.load_image(x), 32) for x in images])
