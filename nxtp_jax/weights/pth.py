@@ -9,7 +9,6 @@ asked, so the optimizer state next to the model params is never read.
 
 from __future__ import annotations
 
-import collections
 import os
 import pickle
 import zipfile
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from nxtp_jax.errors import WeightImportError
-from nxtp_jax.weights.torchscript import STORAGE_DTYPES
+from nxtp_jax.weights.torchscript import storage_id, tensor_state_class
 
 
 class _Storage:
@@ -58,17 +57,8 @@ class PthTensor:
         return np.array(view)
 
 
-class _StorageType:
-    def __init__(self, dtype: Any):
-        self.dtype = np.dtype(dtype)
-
-
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     return PthTensor(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-    return data
 
 
 class _Unpickler(pickle.Unpickler):
@@ -78,26 +68,18 @@ class _Unpickler(pickle.Unpickler):
         self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor_v2
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(STORAGE_DTYPES[name])
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
+        found = tensor_state_class(module, name, _rebuild_tensor_v2)
+        if found is not None:
+            return found
         raise WeightImportError(
             f"{self.path}: data.pkl refers to {module}.{name}, which is not part of a tensor state; refusing to load "
             "it (expected only tensors, storages and plain containers)"
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        # ("storage", storage_type, key, location, numel)
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise WeightImportError(f"{self.path}: unexpected persistent id {pid!r} in data.pkl; not a tensor storage")
-        _, storage_type, key, _, numel = pid
+        key, dtype, numel = storage_id(pid, self.path)
         if key not in self.storages:
-            self.storages[key] = _Storage(self.path, f"{self.prefix}data/{key}", storage_type.dtype, int(numel))
+            self.storages[key] = _Storage(self.path, f"{self.prefix}data/{key}", dtype, numel)
         return self.storages[key]
 
 
