@@ -111,8 +111,9 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
         raise UsageError(f"--max_connections={fv.max_connections} needs {fv.max_connections + connections.RESERVED_FILES} "
                          f"open files, the limit is {after}; lower --max_connections or raise the hard limit (ulimit -Hn)")
     limits = Limits(
-        max_body_bytes=int(fv.max_body_mb * 2**20), max_inflight_bytes=int(fv.max_inflight_mb * 2**20), max_pixels=fv.max_pixels, max_images=fv.max_images,
-        max_queue=fv.max_queue, decode_threads=fv.decode_threads, timeout_s=fv.timeout_s,
+        max_body_bytes=int(fv.max_body_mb * 2**20), max_inflight_bytes=int(fv.max_inflight_mb * 2**20),
+        max_pixels=fv.max_pixels, max_images=fv.max_images, max_queue=fv.max_queue, decode_threads=fv.decode_threads,
+        timeout_s=fv.timeout_s,
     )
     tagger = Tagger.load(model_flag.resolve(fv), batch_size=fv.max_batch)
     service = Service(

@@ -199,7 +199,9 @@ async def read_images_and_params(
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        raise ApiError(400, f"unreadable multipart body: {e.message} (at most {max_images} image(s) per request)")
+        if e.message.startswith("Too many files"):
+            raise ApiError(400, f"too many images: at most {max_images} image(s) per request here")
+        raise ApiError(400, f"unreadable multipart body: {e.message}")
     try:
         uploads = [v for k, v in form.multi_items() if k == "image"]
         if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
