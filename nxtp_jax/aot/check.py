@@ -46,6 +46,9 @@ def tpu_devices(topology: topologies.Topology, num_slices: int) -> list[Any]:
         raise LibtpuMissing(LIBTPU_HINT)
     from jax.experimental import topologies as jax_topologies
 
+    # Compiling claims no TPU, so checks (and tests) may run side by side despite libtpu's lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
     desc = jax_topologies.get_topology_desc(platform="tpu", num_slices=num_slices, **topology.libtpu_kwargs())
     return list(desc.devices)
 
@@ -53,6 +56,7 @@ def tpu_devices(topology: topologies.Topology, num_slices: int) -> list[Any]:
 def compile_row(program: programs.Program, topology: topologies.Topology) -> dict[str, Any]:
     """One report row: the compiler's memory and cost figures, or its out-of-memory answer."""
     import jax
+    from jax._src import config as jax_config  # the cache switch has no public context manager
 
     chip = topology.chip
     row: dict[str, Any] = {
@@ -68,7 +72,9 @@ def compile_row(program: programs.Program, topology: topologies.Topology) -> dic
     }
     t0 = time.perf_counter()
     try:
-        compiled = program.lower().compile(COMPILER_OPTIONS)
+        # An executable for chips this host lacks cannot be loaded back from the persistent cache.
+        with jax_config.enable_compilation_cache(False):
+            compiled = program.lower().compile(COMPILER_OPTIONS)
     except jax.errors.JaxRuntimeError as e:
         oom = analysis.out_of_memory(str(e))
         if oom is None:
@@ -96,20 +102,26 @@ def flags(settings: dict[str, Any]) -> str:
     return " ".join(f"--config.{k}={v}" for k, v in settings.items())
 
 
-def fitting_changes(config: config_dict.ConfigDict, n: int) -> list[dict[str, Any]]:
-    """What to try when the train step does not fit, least intrusive first: FSDP over all chips,
-    then remat, then gradient accumulation (the global batch stays)."""
+def fitting_changes(config: config_dict.ConfigDict, failed: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """What to try when the train step does not fit, least intrusive first: FSDP over all chips, then
+    remat, then gradient accumulation (the global batch stays); settings the failed run had are left out."""
     fsdp = {"mesh.data": 1, "mesh.fsdp": n, "mesh.tensor": 1}
     tries = [fsdp, {**fsdp, "model.remat": True}]
     tries += [{**fsdp, "model.remat": True, "grad_accum_steps": a} for a in (2, 4, 8) if config.batch_size % (a * n) == 0]
-    return [t for t in tries if any(_get(config, k) != v for k, v in t.items())]
+    had = {**{f"mesh.{k}": v for k, v in failed["mesh"].items()}, "model.remat": config.model.remat, "grad_accum_steps": config.grad_accum_steps}
+    changes = [{k: v for k, v in t.items() if had[k] != v} for t in tries]
+    return [c for i, c in enumerate(changes) if c and c not in changes[:i]]
 
 
-def _get(config: config_dict.ConfigDict, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
+def hopeless(change: dict[str, Any], last: dict[str, Any], config: config_dict.ConfigDict) -> bool:
+    """Whether `change` only divides the micro-batch of the failed try `last` by some factor a while
+    required / a stays above the available memory (memory falls at most in proportion to the batch)."""
+    if "grad_accum_steps" not in change or last["fits"]:
+        return False
+    before = dict(last.get("settings", {}))
+    factor = change["grad_accum_steps"] / before.pop("grad_accum_steps", config.grad_accum_steps)
+    same = before == {k: v for k, v in change.items() if k != "grad_accum_steps"}
+    return same and last["peak_bytes_per_chip"] / factor > last["available_bytes_per_chip"]
 
 
 def _head(row: dict[str, Any]) -> str:
@@ -197,10 +209,12 @@ def check(config: config_dict.ConfigDict, devices: Sequence[Any], topology: topo
 def _fix_train(config, devices, topology, rows: list[dict[str, Any]]) -> str:
     """Compiles the changes of `fitting_changes` until one fits; the line that names it (rows get every try)."""
     failed = rows[-1]
-    tries = fitting_changes(config, len(devices))
+    tries = fitting_changes(config, failed, len(devices))
     for change in tries:
+        if hopeless(change, rows[-1], config):
+            continue
         row = compile_row(programs.train(with_settings(config, change), devices), topology)
-        row["change"] = flags(change)
+        row.update(change=flags(change), settings=change)
         rows.append(row)
         if row["fits"]:
             return not_fit_line(failed, change, row, len(tries))
@@ -219,7 +233,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The printed report: one row per program, then each program's raw compiler figures."""
     head = (
         f"{'program':8s} {'mesh (d,f,t)':12s} {'batch/chip (global)':>19s} {'peak GiB/chip':>13s} {'HBM GiB':>7s} "
-        f"{'fits':>4s} {'TFLOP/chip':>10s} {'compiler est. s':>15s} {'roofline est. s':>15s} {'samples/s bound':>15s} {'MFU bound':>9s}"
+        f"{'fits':>4s} {'TFLOP/chip':>10s} {'step s (compiler estimate)':>26s} {'step s (roofline estimate)':>26s} "
+        f"{'samples/s bound':>15s} {'MFU bound':>9s}"
     )
     lines = [head]
     for r in rows:
@@ -228,7 +243,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['program']:8s} {mesh:12s} {batch:>19s} {_gib(r['peak_bytes_per_chip']):>13s} {_gib(r['hbm_bytes_per_chip']):>7s} "
             f"{'yes' if r['fits'] else 'NO':>4s} {_num(r['flops'] and r['flops'] / 1e12, '.3f'):>10s} "
-            f"{_num(r.get('compiler_estimate_s'), '.4f'):>15s} {_num(r.get('roofline_estimate_s'), '.4f'):>15s} "
+            f"{_num(r.get('compiler_estimate_s'), '.4f'):>26s} {_num(r.get('roofline_estimate_s'), '.4f'):>26s} "
             f"{_num(r.get('samples_per_s_bound'), '.1f'):>15s} {_num(r.get('mfu_bound'), '.2f'):>9s}"
             + (f"  [{r['change']}]" if "change" in r else "")
         )
@@ -241,9 +256,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"= peak {r['peak_bytes_per_chip']}"
         )
         lines.append(
-            f"{r['program']} b={r['global_batch']} cost_analysis (per chip): flops {r['flops']:.6g}, bytes accessed "
-            f"{r['bytes_accessed']:.6g}, optimal_seconds {r['optimal_seconds_raw']:.6g} (raw; +1 s for each of "
-            f"{r['concat_bitcasts']} ConcatBitcast calls = {r['compiler_estimate_s']:.6g} s)"
+            f"{r['program']} b={r['global_batch']} cost_analysis (per chip): flops {r['flops']:.0f}, bytes accessed "
+            f"{r['bytes_accessed']:.0f}, optimal_seconds {r['optimal_seconds_raw']!r} (raw; +1 s for each of "
+            f"{r['concat_bitcasts']} ConcatBitcast calls = {r['compiler_estimate_s']:.6g} s, an estimate)"
         )
         coll = ", ".join(f"{k} x{v['count']} {v['bytes'] / 2**20:.1f} MiB" for k, v in r["collectives"].items()) or "none"
         lines.append(f"{r['program']} b={r['global_batch']} collectives: {coll}")

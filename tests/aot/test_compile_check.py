@@ -1,0 +1,94 @@
+"""The TPU compile check (nxtp_jax/aot) on the tiny demo model for v5e:2x2, with libtpu on this CPU host."""
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("libtpu", reason='compiling for a TPU needs libtpu: pip install -e ".[tpu]"')
+
+from nxtp_jax.aot import analysis, check, programs, topologies  # noqa: E402
+from nxtp_jax.cli import main as main_cli  # noqa: E402
+from nxtp_jax.configs import demo  # noqa: E402
+
+TOPOLOGY = "v5e:2x2"
+
+
+def demo_config(variant="tiny", **fields):
+    config = demo.get_config(variant)
+    config.mode = "compile"
+    config.compile.topology = TOPOLOGY
+    for key, value in fields.items():
+        *parents, name = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[name] = value
+    return config
+
+
+def devices():
+    return check.tpu_devices(topologies.parse(TOPOLOGY), 1)
+
+
+def test_demo_train_step_and_sampler_fit_v5e_2x2_and_the_printed_figures_are_the_compilers(tmp_path):
+    lines = []
+    config = demo_config(**{"compile.programs": "train,eval"})
+    assert check.run(config, tmp_path, out=lines.append) == 0
+    printed = "\n".join(lines)
+    report = json.loads((tmp_path / check.REPORT_FILE).read_text())
+    assert [r["program"] for r in report] == ["train", "eval"]
+    for row in report:
+        assert row["fits"] is True
+        assert row["topology"] == TOPOLOGY and row["hbm_bytes_per_chip"] == 16 * 2**30
+        assert {"mesh", "batch_per_chip", "peak_bytes_per_chip", "flops", "estimated_step_s"} <= set(row)
+    # The train step on its own: the demo's mesh (data over the 4 chips) and batch 8, 2 per chip.
+    assert report[0]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and report[0]["batch_per_chip"] == 2
+    compiled = programs.train(config, devices()).lower().compile(check.COMPILER_OPTIONS)
+    m, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes + m.generated_code_size_in_bytes
+    peak -= m.alias_size_in_bytes
+    assert (
+        f"train b=8 memory_analysis (bytes per chip): arguments {m.argument_size_in_bytes} + outputs {m.output_size_in_bytes} "
+        f"+ temporaries {m.temp_size_in_bytes} + code {m.generated_code_size_in_bytes} - aliased {m.alias_size_in_bytes} "
+        f"= peak {peak}"
+    ) in printed
+    assert f"train b=8 cost_analysis (per chip): flops {cost['flops']:.0f}, bytes accessed {cost['bytes accessed']:.0f}, " in printed
+    assert report[0]["flops"] == cost["flops"] and report[0]["peak_bytes_per_chip"] == peak
+    assert "estimate" in printed.splitlines()[1]  # the table's header names the times as estimates
+
+
+def test_concat_bitcast_correction_adds_back_one_second_per_call():
+    """libtpu counts each ConcatBitcast custom call as -1 s. The demo's float32 sampler has such calls (its
+    256 x 1024 MLP weights are copied in four slices), the tiny bfloat16 tagging sampler none."""
+    one_chip = check.tpu_devices(topologies.parse("v5e-1"), 1)
+    config = demo_config("", **{"eval.batch_size": 1, "eval.k": 3})
+    with_calls = programs.evaluate(config, one_chip).lower().compile(check.COMPILER_OPTIONS)
+    without = programs.tag(demo_config(), one_chip, 1, 3).lower().compile(check.COMPILER_OPTIONS)
+    raw, text = with_calls.cost_analysis()["optimal_seconds"], with_calls.as_text()
+    calls = text.count('custom_call_target="ConcatBitcast"')
+    assert calls > 0 and raw < 0
+    assert analysis.corrected_optimal_seconds(raw, text) == raw + calls
+    assert 0 < analysis.corrected_optimal_seconds(raw, text) < 1e-3
+    raw, text = without.cost_analysis()["optimal_seconds"], without.as_text()
+    assert 'custom_call_target="ConcatBitcast"' not in text and raw > 0
+    assert analysis.corrected_optimal_seconds(raw, text) == raw
+
+
+def test_too_large_batch_prints_one_line_naming_required_and_available_and_exits_1(tmp_path, capsys):
+    """One chip, so the only changes to try are remat and accumulation; accumulating 8 micro-batches
+    cannot fit either, so it is not compiled (two compiles in all)."""
+    argv = ["--config=configs/demo.py:tiny", "--config.mode=compile", "--config.compile.topology=v5e-1",
+            "--config.compile.programs=train", "--config.batch_size=1048576", f"--workdir={tmp_path}"]
+    assert main_cli.main(argv) == 1
+    out = capsys.readouterr().out.splitlines()
+    verdicts = [line for line in out if "does not fit" in line]
+    assert len(verdicts) == 1
+    assert re.fullmatch(
+        r"train does not fit v5e-1 at batch 1048576, mesh \{'data': 1, 'fsdp': 1, 'tensor': 1\}: needs [\d.]+ GiB per chip "
+        r"of 15.75 GiB available; none of 4 changes tried \(fsdp over all chips, remat, grad_accum_steps\) fits: .*",
+        verdicts[0],
+    ), verdicts[0]
+    report = json.loads((tmp_path / check.REPORT_FILE).read_text())
+    assert [(r["fits"], r.get("change")) for r in report] == [(False, None), (False, "--config.model.remat=True")]
+    assert report[0]["peak_bytes_per_chip"] > report[0]["available_bytes_per_chip"] == 15.75 * 2**30
