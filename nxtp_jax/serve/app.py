@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
 import prometheus_client as prom
