@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pathlib
 import shutil
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from huggingface_hub import constants
 
+from fake_hub import COMMIT
 from tiny_release import CKPT_FILE, CLIP_PATH, LLAMA, make_card
 from nxtp_jax import checkpoint, pretrained
 from nxtp_jax.errors import CheckpointError, NxtpError, WeightImportError
@@ -32,8 +32,8 @@ def tags(ckpt_dir) -> list:
 def test_first_use_downloads_converts_and_tags_as_the_converter_route_does(hub, card, release_files, tmp_path, capsys):
     out = pretrained.resolve(card)
     assert out == str(tmp_path / "nxtp" / "tiny")
-    assert sorted(hub.downloads()) == sorted([CKPT_GET, CLIP_PATH, f"/{LLAMA}/resolve/{json.loads(card.read_text())['tokenizer']['revision']}/tokenizer.model",
-                                              f"/{LLAMA}/resolve/{json.loads(card.read_text())['tokenizer']['revision']}/config.json"])
+    assert sorted(hub.downloads()) == sorted(
+        [CKPT_GET, CLIP_PATH, f"/{LLAMA}/resolve/{COMMIT}/tokenizer.model", f"/{LLAMA}/resolve/{COMMIT}/config.json"])
     assert "tiny: licence: CC-BY-NC 4.0 (test release)" in capsys.readouterr().err
     release = checkpoint.read_meta(out)["release"]
     assert release["sources"]["checkpoint"]["md5"] == hashlib.md5(release_files["checkpoint"].read_bytes()).hexdigest()
@@ -71,6 +71,16 @@ def test_cut_connections_resume_with_a_range_request(hub, card, monkeypatch):
     ranged = {p for m, p, r in hub.log if m == "GET" and r and r != "bytes=0-"}
     assert ranged == {CKPT_GET, CLIP_PATH}
     assert not list(pathlib.Path(constants.HF_HOME).rglob("*.incomplete"))
+
+
+def test_clip_already_in_openai_clips_folder_is_not_downloaded(hub, card, release_files, tmp_path):
+    folder = tmp_path / "home" / ".cache" / "clip"  # openai-clip's download_root under this test's HOME
+    folder.mkdir(parents=True)
+    (folder / "ViT-L-14.pt").write_bytes(release_files["clip"].read_bytes())
+    out = pretrained.resolve(card)
+    assert CLIP_PATH not in hub.downloads() and CKPT_GET in hub.downloads()
+    assert checkpoint.read_meta(out)["release"]["sources"]["clip"]["sha256"] == hashlib.sha256(
+        release_files["clip"].read_bytes()).hexdigest()
 
 
 def test_wrong_checkpoint_md5_is_refused_and_the_file_deleted(hub, release_files, tmp_path):
