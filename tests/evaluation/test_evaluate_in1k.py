@@ -2,7 +2,6 @@
 
 import io
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from PIL import Image
 from nxtp_jax import checkpoint
 from nxtp_jax.cli.imagenet import imagenet_command
 from nxtp_jax.data import eval_inputs, imagenet
-from nxtp_jax.evaluation import job as evaluate
+from nxtp_jax.evaluation import job
 from nxtp_jax.data import tfds_source
 from nxtp_jax.configs import base
 from nxtp_jax.tokenizer import Tokenizer
@@ -110,7 +109,7 @@ def test_eval_job_on_a_tfds_split(sp_model_path, tmp_path, monkeypatch):
     }
     c.data.worker_count = 0
     c.eval.update(dataset="in1k_valid", ckpt=str(ckpt), k=2, batch_size=8, embedder="exact")
-    summary = evaluate.evaluate(c, tmp_path / "work", progress=False)
+    summary = job.evaluate(c, tmp_path / "work", progress=False)
 
     assert opened == [("imagenet2012", "validation", str(tmp_path / "data" / "tensorflow_datasets"))]
     assert summary["num_images"] == 5 and summary["dataset"] == "in1k_valid"

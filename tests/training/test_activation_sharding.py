@@ -13,7 +13,8 @@ from nxtp_jax.models import mask
 from nxtp_jax.models.config import DecoderConfig, ModelConfig, SpecialTokens, VisionConfig
 from nxtp_jax.models.layers import Activations
 from nxtp_jax.models.recognizer import Recognizer, init_params
-from nxtp_jax.training import inputs as train_inputs, optim, step as train_state
+from nxtp_jax.training import inputs, optim
+from nxtp_jax.training.step import StepOptions, create, jit_train_step, make_train_step
 
 # ViT width 128 (2 heads) and decoder width 128 (4 heads, 2 KV heads): every head axis splits over tensor=2.
 CONFIG = ModelConfig(
@@ -168,11 +169,11 @@ def test_fsdp_x_tensor_train_step_gathers_one_parameter_at_a_time_and_holds_an_e
     def make_tx(t):
         return optim.adamw(schedule, optim.decay_mask(t, (), ()), b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip=0.0)
 
-    state, frozen, tx = train_state.create(params, TRAINABLE, make_tx, mesh)
-    opts = train_state.StepOptions(num_image_tokens=CONFIG.vision.num_patches, delimiter_id=DELIMITER)
+    state, frozen, tx = create(params, TRAINABLE, make_tx, mesh)
+    opts = StepOptions(num_image_tokens=CONFIG.vision.num_patches, delimiter_id=DELIMITER)
     spec = sharding.batch_sharding(mesh, rules)
-    step = train_state.jit_train_step(train_state.make_train_step(model, tx, schedule, opts, None), state, frozen, spec, mesh)
-    batch = train_inputs.global_batch(synthetic_batch(), spec)
+    step = jit_train_step(make_train_step(model, tx, schedule, opts, None), state, frozen, spec, mesh)
+    batch = inputs.global_batch(synthetic_batch(), spec)
     compiled = step.lower(state, frozen, batch).compile()
     found = collectives(compiled.as_text())
 

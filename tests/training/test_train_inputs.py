@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nxtp_jax import prompts, sharding
-from nxtp_jax.training import inputs as train_inputs
+from nxtp_jax.training import inputs
 from nxtp_jax.tokenizer import Tokenizer
 from scripts import plot_logs
 
@@ -21,12 +21,12 @@ def element(key, epoch, labels="dog,cat,tree,car,house,bird"):
 
 
 def test_label_shuffle_depends_on_seed_key_and_epoch_only():
-    a = train_inputs.shuffle_labels(element("k1", 0), seed=3)["labels"]
-    assert a == train_inputs.shuffle_labels(element("k1", 0), seed=3)["labels"]
+    a = inputs.shuffle_labels(element("k1", 0), seed=3)["labels"]
+    assert a == inputs.shuffle_labels(element("k1", 0), seed=3)["labels"]
     assert sorted(a.split(",")) == sorted("dog,cat,tree,car,house,bird".split(","))
-    others = {train_inputs.shuffle_labels(element(k, e), seed=s)["labels"] for k, e, s in [("k2", 0, 3), ("k1", 1, 3), ("k1", 0, 4)]}
+    others = {inputs.shuffle_labels(element(k, e), seed=s)["labels"] for k, e, s in [("k2", 0, 3), ("k1", 1, 3), ("k1", 0, 4)]}
     assert len({a} | others) >= 3
-    assert train_inputs.shuffle_labels(element("k", 0, labels=""), seed=0)["labels"] == ""
+    assert inputs.shuffle_labels(element("k", 0, labels=""), seed=0)["labels"] == ""
 
 
 def batch(n=4):
@@ -40,7 +40,7 @@ def batch(n=4):
 
 def test_one_template_per_batch_drawn_from_seed_and_step(tok):
     def template_of(step, seed=0, augment=True):
-        out = train_inputs.text_arrays(tok, batch(), step=step, seed=seed, augment=augment, text_len=40, captions=False)
+        out = inputs.text_arrays(tok, batch(), step=step, seed=seed, augment=augment, text_len=40, captions=False)
         prompt_len = int(out["answer_pos"][0]) + 1
         assert (out["answer_pos"] == out["answer_pos"][0]).all()
         return tuple(out["tokens"][0, :prompt_len])
@@ -54,7 +54,7 @@ def test_one_template_per_batch_drawn_from_seed_and_step(tok):
 
 
 def test_arrays_have_static_shapes_and_keep_label_order(tok):
-    out = train_inputs.model_inputs(tok, batch(), step=0, seed=0, augment=False, text_len=40, captions=True)
+    out = inputs.model_inputs(tok, batch(), step=0, seed=0, augment=False, text_len=40, captions=True)
     assert {k: v.shape for k, v in out.items()} == {
         "image": (4, 8, 8, 3),
         "skipped": (4,),
@@ -73,7 +73,7 @@ def test_global_batch_is_sharded_over_data_and_fsdp():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     spec = sharding.batch_sharding(mesh, sharding.LOGICAL_AXIS_RULES)
     local = {"tokens": np.arange(16 * 3, dtype=np.int32).reshape(16, 3)}
-    g = train_inputs.global_batch(local, spec)["tokens"]
+    g = inputs.global_batch(local, spec)["tokens"]
     assert g.shape == (16, 3) and len(g.addressable_shards) == 8
     assert {s.data.shape for s in g.addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(g), local["tokens"])
