@@ -84,3 +84,16 @@ def test_nxtp_convert_model_refuses_file_inputs_beside_it_and_asks_for_them_with
     assert "error: --model names every input; drop --clip" in capsys.readouterr().err
     assert convert_command([f"--out={tmp_path / 'x'}", "--llama_dir=llama"]) == 2
     assert "error: expected --model, or the files: missing --clip, --tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, name, required", [
+    ("tag", "tag_command", []), ("serve", "serve", []), ("export", "export_command", ["--out=x"]),
+])
+def test_model_is_the_ckpt_flag_in_every_command_that_loads_one(module, name, required):
+    import importlib
+
+    command = getattr(importlib.import_module(f"nxtp_jax.cli.{module}"), name)
+    argv = [command.prog, "--model=g3m", "--llama_dir=llama", "--tokenizer=tok.model", *required]
+    fv = command.flag_values(argv[1:])
+    fv(argv)
+    assert (fv.ckpt, fv.llama_dir, fv.tokenizer) == ("g3m", "llama", "tok.model")
