@@ -1,6 +1,6 @@
 """A `torch.save` zip file (the released `ckpt_epoch_03_iter_*.pth`) read as data, without torch.
 
-The same restricted unpickler approach as `torchscript.py`: `data.pkl` may name only what
+`torchscript.py`'s restricted unpickler (`TensorStateUnpickler`): `data.pkl` may name only what
 rebuilds tensors (`torch._utils._rebuild_tensor_v2` / `_rebuild_parameter`, the storage
 classes, `collections.OrderedDict`); any other global is refused. Tensors come back as
 `PthTensor`s that know their shape and dtype and read their bytes from the zip only when
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from nxtp_jax.errors import WeightImportError
-from nxtp_jax.weights.torchscript import storage_id, tensor_state_class
+from nxtp_jax.weights.torchscript import TensorStateUnpickler
 
 
 class _Storage:
@@ -57,30 +57,14 @@ class PthTensor:
         return np.array(view)
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    return PthTensor(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+class _Unpickler(TensorStateUnpickler):
+    """A torch.save zip's data.pkl: tensors as `PthTensor`s over storages read on demand."""
 
+    def rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None) -> "PthTensor":
+        return PthTensor(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, path: str, prefix: str):
-        super().__init__(file)
-        self.path, self.prefix = path, prefix
-        self.storages: dict[str, _Storage] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = tensor_state_class(module, name, _rebuild_tensor_v2)
-        if found is not None:
-            return found
-        raise WeightImportError(
-            f"{self.path}: data.pkl refers to {module}.{name}, which is not part of a tensor state; refusing to load "
-            "it (expected only tensors, storages and plain containers)"
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        key, dtype, numel = storage_id(pid, self.path)
-        if key not in self.storages:
-            self.storages[key] = _Storage(self.path, f"{self.prefix}data/{key}", dtype, numel)
-        return self.storages[key]
+    def load_storage(self, key: str, dtype: np.dtype, numel: int) -> "_Storage":
+        return _Storage(self.path, f"{self.prefix}data/{key}", dtype, numel)
 
 
 def read_pth(path: str | os.PathLike) -> Any:

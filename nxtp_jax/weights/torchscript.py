@@ -52,29 +52,6 @@ class _StorageType:
         self.dtype = np.dtype(dtype)
 
 
-def tensor_state_class(module: str, name: str, rebuild_tensor: Any) -> Any:
-    """What a tensor state's data.pkl may name, for both readers (TorchScript, `pth`): torch's tensor
-    and parameter rebuilders (`rebuild_tensor` builds the tensor), storage types and OrderedDict;
-    None for anything else."""
-    if module == "torch._utils" and name == "_rebuild_tensor_v2":
-        return rebuild_tensor
-    if module == "torch._utils" and name == "_rebuild_parameter":
-        return _rebuild_parameter
-    if module == "torch" and name in STORAGE_DTYPES:
-        return _StorageType(STORAGE_DTYPES[name])
-    if module == "collections" and name == "OrderedDict":
-        return collections.OrderedDict
-    return None
-
-
-def storage_id(pid: Any, path: str) -> tuple[str, np.dtype, int]:
-    """(key, dtype, numel) of a data.pkl persistent id ("storage", storage_type, key, location, numel)."""
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-        raise WeightImportError(f"{path}: unexpected persistent id {pid!r} in data.pkl; not a tensor storage")
-    _, storage_type, key, _, numel = pid
-    return key, storage_type.dtype, int(numel)
-
-
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """The tensor as a numpy array of its own (offset, size and stride count elements of `storage`)."""
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
@@ -97,41 +74,80 @@ def _identity(value, *type_tag):
 _JIT_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+class TensorStateUnpickler(pickle.Unpickler):
+    """Unpickles a `data.pkl` that may name only what rebuilds tensors: torch's tensor and parameter
+    rebuilders, the storage classes, `collections.OrderedDict`, and what a subclass's `extra_class`
+    adds; any other global is refused. Subclasses build tensors (`rebuild_tensor`) and storages
+    (`load_storage`, once per key)."""
+
+    expected = "tensors, storages and plain containers"  # for the refusal's message
+
+    def __init__(self, file, path: str, prefix: str):
         super().__init__(file)
-        self.archive, self.prefix, self.path = archive, prefix, path
-        self.storages: dict[str, np.ndarray] = {}
+        self.path, self.prefix = path, prefix
+        self.storages: dict[str, Any] = {}
+
+    def extra_class(self, module: str, name: str) -> Any:
+        return None
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return self.rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(STORAGE_DTYPES[name])
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        found = self.extra_class(module, name)
+        if found is None:
+            raise WeightImportError(
+                f"{self.path}: data.pkl refers to {module}.{name}, which is not part of a tensor state; refusing to "
+                f"load it (expected only {self.expected})"
+            )
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ("storage", storage_type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise WeightImportError(f"{self.path}: unexpected persistent id {pid!r} in data.pkl; not a tensor storage")
+        _, storage_type, key, _, numel = pid
+        if key not in self.storages:
+            self.storages[key] = self.load_storage(key, storage_type.dtype, int(numel))
+        return self.storages[key]
+
+
+class _Unpickler(TensorStateUnpickler):
+    """A TorchScript archive's data.pkl: its `__torch__` modules and typed containers too, storages read at once."""
+
+    expected = "__torch__ modules, tensors and storages"
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+        super().__init__(file, path, prefix)
+        self.archive = archive
+
+    def rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None) -> np.ndarray:
+        return _rebuild_tensor_v2(storage, offset, size, stride)
+
+    def extra_class(self, module: str, name: str) -> Any:
         if module.startswith("__torch__"):
             return _module_class(f"{module}.{name}")
         if module == "torch.jit._pickle" and name in _JIT_CONTAINERS:
             return _identity
-        found = tensor_state_class(module, name, _rebuild_tensor_v2)
-        if found is not None:
-            return found
-        raise WeightImportError(
-            f"{self.path}: the TorchScript archive's data.pkl refers to {module}.{name}, which is not part of "
-            "a tensor state; refusing to load it (expected only __torch__ modules, tensors and storages)"
-        )
+        return None
 
-    def persistent_load(self, pid: Any) -> Any:
-        key, dtype, numel = storage_id(pid, self.path)
-        if key not in self.storages:
-            entry = f"{self.prefix}data/{key}"
-            try:
-                raw = bytearray(self.archive.read(entry))
-            except KeyError:
-                raise WeightImportError(f"{self.path}: data.pkl names the storage {entry}, which the archive lacks") from None
-            if len(raw) != numel * dtype.itemsize:
-                raise WeightImportError(
-                    f"{self.path}: storage {entry} holds {len(raw)} bytes, data.pkl says {numel} elements of "
-                    f"{dtype}; the archive is damaged"
-                )
-            flat = np.frombuffer(raw, dtype=dtype)
-            self.storages[key] = flat
-        return self.storages[key]
+    def load_storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+        entry = f"{self.prefix}data/{key}"
+        try:
+            raw = bytearray(self.archive.read(entry))
+        except KeyError:
+            raise WeightImportError(f"{self.path}: data.pkl names the storage {entry}, which the archive lacks") from None
+        if len(raw) != numel * dtype.itemsize:
+            raise WeightImportError(
+                f"{self.path}: storage {entry} holds {len(raw)} bytes, data.pkl says {numel} elements of "
+                f"{dtype}; the archive is damaged"
+            )
+        return np.frombuffer(raw, dtype=dtype)
 
 
 def _collect(obj: Any, prefix: str, out: dict[str, Any], seen: set[int]) -> None:
