@@ -116,7 +116,7 @@ def test_validate_reports_every_problem_with_what_to_do(tmp_path):
     c = g3m.get_config()
     c.model.checkpoint = str(tmp_path / "missing")
     c.data.train = ("cc3m", "nope")
-    c.mesh.fsdp = 3
+    c.mesh.data, c.mesh.fsdp = -1, 3  # 3 does not divide the 8 devices
     c.optim.schedule = "linear"
     c.embedding_rows = ("<|img|>",)
     with pytest.raises(ConfigError) as e:
