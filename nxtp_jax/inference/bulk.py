@@ -218,7 +218,7 @@ def prepare_output(output: str, process_index: int, process_count: int) -> Outpu
         return Output(out, open(out, "a", encoding="utf-8"), set(), False, None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        lock = OutputLock(out).acquire()
+        lock = OutputLock(out.resolve()).acquire()  # beside the real file: /dev/stdout > tags.jsonl locks tags.jsonl
     except (FileExistsError, NotADirectoryError, PermissionError) as e:
         raise OSError(f"--output {out} cannot be written ({e.strerror or e}); pass another --output") from e
     try:

@@ -176,6 +176,14 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path, i
     finally:
         first.close()
     assert not (tmp_path / "tags.jsonl.lock").exists()
+    # The same file by another name (a symlink, or /dev/stdout redirected to it) is the same output.
+    (tmp_path / "link.jsonl").symlink_to(out)
+    first = prepare_output(str(tmp_path / "link.jsonl"), 0, 1)
+    try:
+        with pytest.raises(OSError, match="is in use by another run"):
+            prepare_output(str(out), 0, 1)
+    finally:
+        first.close()
     # A run killed while holding the lock leaves its file, but not the lock.
     holder = subprocess.Popen([sys.executable, "-c", "import time; from nxtp_jax.inference.bulk import prepare_output; "
                                f"prepare_output({str(out)!r}, 0, 1); print('held', flush=True); time.sleep(600)"],
