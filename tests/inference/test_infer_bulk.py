@@ -218,6 +218,30 @@ def test_a_pipe_output_is_written_through_and_never_read(tiny_ckpt, tmp_path, in
     assert not (tmp_path / "pipe.jsonl.lock").exists()
 
 
+def test_dev_stdout_into_a_pipe_is_written_through_and_never_read(tiny_ckpt, tmp_path):
+    """`--output=/dev/stdout | cat`: this process's fd 1 becomes a pipe while it tags."""
+    image = tmp_path / "a.png"
+    Image.fromarray(random_images(1, 36, seed=9)[0]).save(image)
+    r, w = os.pipe()
+    saved = os.dup(1)
+    os.dup2(w, 1)
+    os.close(w)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(os.fdopen(r, "rb").read()), daemon=True)
+    reader.start()
+    try:
+        writer = threading.Thread(target=_tag_to, args=("/dev/stdout", [str(image)], lambda: Tagger.load(tiny_ckpt)),
+                                  daemon=True)
+        writer.start()
+        writer.join(timeout=120)
+        assert not writer.is_alive(), "tagging into /dev/stdout did not finish"
+    finally:
+        os.dup2(saved, 1)  # the pipe's last writer closes: the reader gets its end
+        os.close(saved)
+    reader.join(timeout=10)
+    assert [json.loads(line)["image"] for line in received[0].splitlines()] == [str(image)]
+
+
 def test_every_input_without_an_image_gets_an_error(tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
