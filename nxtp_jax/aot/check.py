@@ -140,7 +140,8 @@ def not_fit_line(row: dict[str, Any], change: dict[str, Any] | None, fixed: dict
 
 
 def search_batch(config, devices, topology) -> list[dict[str, Any]]:
-    """The largest global batch that fits (a multiple of the batch shards x grad_accum_steps): doubling, then bisection."""
+    """The largest global batch that fits, to within an eighth, a multiple of the batch shards x grad_accum_steps
+    (every try is a row)."""
     probe = programs.train(config, devices)
     unit = config.grad_accum_steps * probe.mesh["data"] * probe.mesh["fsdp"]
     rows: list[dict[str, Any]] = []
@@ -149,10 +150,17 @@ def search_batch(config, devices, topology) -> list[dict[str, Any]]:
         rows.append(compile_row(programs.train(with_settings(config, {"batch_size": multiple * unit}), devices), topology))
         return rows[-1]["fits"]
 
-    good, bad = 0, 1
-    while fits(bad):
-        good, bad = bad, bad * 2
-    while bad - good > 1:
+    # From the config's batch: doubling while it fits, else halving until it does; then bisection.
+    start = max(1, config.batch_size // unit)
+    if fits(start):
+        good, bad = start, start * 2
+        while fits(bad):
+            good, bad = bad, bad * 2
+    else:
+        good, bad = start // 2, start
+        while good and not fits(good):
+            good, bad = good // 2, good
+    while bad - good > max(1, good // 8):  # to within an eighth: each try is a full compile
         mid = (good + bad) // 2
         good, bad = (mid, bad) if fits(mid) else (good, mid)
     for row in rows:
@@ -165,31 +173,38 @@ def meshes(n: int) -> list[dict[str, int]]:
     return [{"data": d, "fsdp": f, "tensor": n // (d * f)} for d in range(1, n + 1) if n % d == 0 for f in range(1, n // d + 1) if (n // d) % f == 0]
 
 
-def search_mesh(config, devices, topology) -> list[dict[str, Any]]:
-    """Every (data, fsdp, tensor) over the chips that the batch and heads split over, ranked by estimated step time."""
-    rows = []
+def search_mesh(config, devices, topology) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every (data, fsdp, tensor) over the chips that the batch splits over, ranked by estimated step time;
+    and a note for each mesh that the model's shapes do not split over."""
+    rows, notes = [], []
     for m in meshes(len(devices)):
-        shards = config.grad_accum_steps * m["data"] * m["fsdp"]
-        if config.batch_size % shards or config.model.decoder.n_heads % m["tensor"]:
+        if config.batch_size % (config.grad_accum_steps * m["data"] * m["fsdp"]):
             continue
-        rows.append(compile_row(programs.train(with_settings(config, {f"mesh.{k}": v for k, v in m.items()}), devices), topology))
+        try:
+            rows.append(compile_row(programs.train(with_settings(config, {f"mesh.{k}": v for k, v in m.items()}), devices), topology))
+        except ValueError as e:  # e.g. a vocabulary or head count that the tensor axis does not divide
+            notes.append(f"mesh {m}: not compiled, {str(e).splitlines()[0]}")
     ranked = sorted((r for r in rows if r["fits"]), key=lambda r: r["estimated_step_s"])
     for r in rows:
         r["search"] = "mesh"
         r["rank"] = ranked.index(r) + 1 if r["fits"] else None
-    return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0))
+    return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0)), notes
 
 
-def check(config: config_dict.ConfigDict, devices: Sequence[Any], topology: topologies.Topology) -> tuple[list[dict[str, Any]], list[str]]:
-    """(report rows, one line per program that does not fit)."""
+def check(
+    config: config_dict.ConfigDict, devices: Sequence[Any], topology: topologies.Topology
+) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """(report rows, notes on meshes not compiled, one line per program that does not fit)."""
     rows: list[dict[str, Any]] = []
+    notes: list[str] = []
     problems: list[str] = []
     wanted = config.compile.programs.split(",")
     if "train" in wanted:
         if config.compile.search == "batch":
             rows += search_batch(config, devices, topology)
         elif config.compile.search == "mesh":
-            rows += search_mesh(config, devices, topology)
+            found, notes = search_mesh(config, devices, topology)
+            rows += found
         else:
             rows.append(compile_row(programs.train(config, devices), topology))
             if not rows[-1]["fits"]:
@@ -203,7 +218,7 @@ def check(config: config_dict.ConfigDict, devices: Sequence[Any], topology: topo
     for r in rows:
         if not r["fits"] and r["program"] != "train":
             problems.append(f"{_head(r)}; lower {'eval.batch_size' if r['program'] == 'eval' else 'compile.tag_batches'}")
-    return rows, problems
+    return rows, notes, problems
 
 
 def _fix_train(config, devices, topology, rows: list[dict[str, Any]]) -> str:
@@ -281,7 +296,7 @@ def run(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, out: Call
         f"compiling for {topology.name} = {topology.libtpu_name} x {slices} slice(s): {len(devices)} chips of "
         f"{topology.chip.hbm_bytes / GiB:.0f} GiB ({topology.chip.source}), {hosts} host(s)"
     )
-    rows, problems = check(config, devices, topology)
+    rows, notes, problems = check(config, devices, topology)
     for r in rows:
         r["num_slices"] = slices
     out(table(rows))
@@ -289,6 +304,6 @@ def run(config: config_dict.ConfigDict, workdir: str | os.PathLike, *, out: Call
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1))
     out(f"report: {path}")
-    for line in problems:
+    for line in notes + problems:
         out(line)
     return 1 if problems else 0

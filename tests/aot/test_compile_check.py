@@ -92,3 +92,17 @@ def test_too_large_batch_prints_one_line_naming_required_and_available_and_exits
     report = json.loads((tmp_path / check.REPORT_FILE).read_text())
     assert [(r["fits"], r.get("change")) for r in report] == [(False, None), (False, "--config.model.remat=True")]
     assert report[0]["peak_bytes_per_chip"] > report[0]["available_bytes_per_chip"] == 15.75 * 2**30
+
+
+def test_mesh_search_ranks_the_meshes_that_fit_by_estimated_step(tmp_path):
+    """Batch 2 splits over at most 2 batch shards: (1,1,4), (1,2,2) and (2,1,2) of the 4 chips; the tiny
+    vocabulary (302) does not split 4 ways, so (1,1,4) is a note, not a row."""
+    fields = {"compile.programs": "train", "compile.search": "mesh", "batch_size": 2, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2}
+    lines = []
+    assert check.run(demo_config(**fields), tmp_path, out=lines.append) == 0
+    report = json.loads((tmp_path / check.REPORT_FILE).read_text())
+    meshes = sorted(tuple(r["mesh"][a] for a in ("data", "fsdp", "tensor")) for r in report)
+    assert meshes == [(1, 2, 2), (2, 1, 2)]
+    assert [r["rank"] for r in report] == [1, 2]
+    assert report[0]["estimated_step_s"] <= report[1]["estimated_step_s"]
+    assert any(line.startswith("mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: not compiled") for line in lines)
