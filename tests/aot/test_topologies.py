@@ -5,6 +5,7 @@ import importlib.util
 import pytest
 
 from nxtp_jax.aot import check, topologies
+from nxtp_jax.cli import main as main_cli
 
 
 @pytest.mark.parametrize(
@@ -38,8 +39,10 @@ def test_unknown_names_are_one_line_errors(name):
         topologies.parse(name)
 
 
-def test_without_libtpu_the_check_names_the_install_command(monkeypatch):
+def test_without_libtpu_the_command_is_one_line_naming_the_install_command(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a))
-    with pytest.raises(check.LibtpuMissing, match=r'pip install -e "\.\[tpu\]"'):
-        check.tpu_devices(topologies.parse("v5e-4"), 1)
+    argv = ["--config=configs/demo.py:tiny", "--config.mode=compile", f"--workdir={tmp_path}"]
+    assert main_cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: compiling for a TPU needs libtpu, which is not installed: pip install -e ".[tpu]"']
