@@ -30,4 +30,4 @@ def body(fv: flags.FlagValues, paths: list[str]) -> int:
     return check_paths(paths, strict=fv.strict)
 
 
-check = Command("nxtp-check", __doc__, define, body, positional="PATH [PATH ...]")
+check_command = Command("nxtp-check", __doc__, define, body, positional="PATH [PATH ...]")

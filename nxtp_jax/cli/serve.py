@@ -130,4 +130,4 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
     connections.Server(config, on_drain=lambda: service.drain(fv.drain_s)).run()
 
 
-serve = Command("python -m nxtp_jax.serve", __doc__, define, body, log_level="info")
+serve_command = Command("python -m nxtp_jax.serve", __doc__, define, body, log_level="info")

@@ -76,6 +76,6 @@ def check_paths(paths: Sequence[str], *, strict: bool = False, out: TextIO | Non
 
 
 if __name__ == "__main__":
-    from nxtp_jax.cli.check import check
+    from nxtp_jax.cli.check import check_command
 
-    check.entry()
+    check_command.entry()

@@ -14,7 +14,7 @@ import pytest
 from hang_guard import hang_guard
 from PIL import Image
 
-from nxtp_jax.cli.check import check as check_command
+from nxtp_jax.cli.check import check_command
 from nxtp_jax.data import check, pipeline
 from nxtp_jax.data.samples import MAX_TEXT_BYTES, SKIP_KINDS
 from nxtp_jax.data.skips import skip_summary

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nxtp_jax.cli.serve import serve
+from nxtp_jax.cli.serve import serve_command
 
 
 @pytest.mark.parametrize("flag, words", [
@@ -26,7 +26,7 @@ from nxtp_jax.cli.serve import serve
     ("--max_connections=100000000", "--max_connections=100000000 needs 100000256 open files, the limit is"),
 ])
 def test_a_bad_flag_is_one_line_and_exit_2_before_the_model_loads(capsys, flag, words):
-    assert serve(["--ckpt=/nonexistent/ckpt", flag]) == 2
+    assert serve_command(["--ckpt=/nonexistent/ckpt", flag]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
 
@@ -34,5 +34,5 @@ def test_a_bad_flag_is_one_line_and_exit_2_before_the_model_loads(capsys, flag, 
 def test_an_api_key_file_without_keys_is_refused(capsys, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("\n  \n")
-    assert serve(["--ckpt=/nonexistent/ckpt", f"--api_key_file={keys}"]) == 2
+    assert serve_command(["--ckpt=/nonexistent/ckpt", f"--api_key_file={keys}"]) == 2
     assert f"--api_key_file '{keys}' has no key" in capsys.readouterr().err
