@@ -26,8 +26,8 @@ from nxtp_jax.data import labels
 from nxtp_jax.data.registry import find_shards
 from nxtp_jax.data.samples import read_sample
 from nxtp_jax.data.tar import TarFormatError, walk
-from nxtp_jax.data.writer import PackError, key_problem, output_path, prepare_out, write_shard
-from nxtp_jax.errors import USER_ERRORS, report
+from nxtp_jax.data.writer import PackError, key_problem, output_path, packer_main, prepare_out, write_shard
+from nxtp_jax.errors import USER_ERRORS
 
 
 def labelled_samples(shard: str, counts: collections.Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -85,14 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, nargs="+", help="shards or folders of shards")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--workers", type=int, default=1, help="processes (one shard each at a time)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (*USER_ERRORS, labels.NltkDataMissingError) as e:
-        return report(e, args.verbose)
+    return packer_main(parser, run, argv, (*USER_ERRORS, labels.NltkDataMissingError))
 
 
 def run(args: argparse.Namespace) -> int:

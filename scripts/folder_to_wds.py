@@ -24,8 +24,7 @@ import sys
 from typing import Iterator
 
 from nxtp_jax.data import preprocess
-from nxtp_jax.data.writer import inside, pack
-from nxtp_jax.errors import USER_ERRORS, report
+from nxtp_jax.data.writer import inside, pack, packer_main
 
 _KEEP = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
@@ -64,14 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="", help="shard name prefix (default: 000000.tar, ...)")
     parser.add_argument("--path_col", default="path")
     parser.add_argument("--caption_col", default="caption")
-    parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        return report(e, args.verbose)
+    return packer_main(parser, run, argv)
 
 
 def run(args: argparse.Namespace) -> int:

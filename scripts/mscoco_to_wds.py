@@ -18,8 +18,7 @@ import json
 import os
 import sys
 
-from nxtp_jax.data.writer import inside, pack, safe_key
-from nxtp_jax.errors import USER_ERRORS, report
+from nxtp_jax.data.writer import inside, pack, packer_main, safe_key
 
 
 def load_captions(root: str, split: str) -> tuple[list[dict], dict[int, list[str]]]:
@@ -43,14 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val2017", help="train2017 or val2017")
     parser.add_argument("--out", required=True, help="output folder for the shards")
     parser.add_argument("--samples_per_shard", type=int, default=3000)
-    parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        return report(e, args.verbose)
+    return packer_main(parser, run, argv)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ refused unless `--overwrite`, which first removes the shards in it (`prepare_out
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import posixpath
@@ -16,7 +17,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 from etils import epath
 from tqdm import tqdm
 
-from nxtp_jax.errors import NxtpError
+from nxtp_jax.errors import USER_ERRORS, NxtpError, report
 
 T = TypeVar("T")
 Sample = tuple[str, dict[str, bytes]]  # (key, {extension: bytes})
@@ -190,3 +191,23 @@ def pack(
 
             write_shard(path, samples())
     return paths
+
+
+def packer_main(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], int],
+    argv: list[str] | None,
+    errors: tuple[type[BaseException], ...] = USER_ERRORS,
+) -> int:
+    """A packer script's main: adds the flags every packer has, parses `argv`, returns `run(args)`.
+
+    An error among `errors` is one `error: ...` line (after its traceback with --verbose), exit status 1.
+    """
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback too")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except errors as e:
+        return report(e, args.verbose)
