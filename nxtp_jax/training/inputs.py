@@ -36,35 +36,6 @@ def template_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, 0x7E3])
 
 
-def text_arrays(
-    tokenizer: Tokenizer,
-    batch: Mapping[str, Any],
-    *,
-    step: int,
-    seed: int,
-    augment: bool,
-    text_len: int,
-    captions: bool,
-) -> dict[str, np.ndarray]:
-    """Object-branch tokens/targets/answer positions (and the caption branch's, if `captions`).
-
-    Labels keep the order they arrive in (shuffled upstream by `shuffle_labels`); every
-    array is padded to `text_len`, so all batches have one static shape.
-    """
-    rng = template_rng(seed, step) if augment else None
-    template = prompts.choose_template(rng, prompts.OBJECT_TEMPLATES)
-    labels = [split_labels(field) for field in batch["labels"]]
-    obj = prompts.object_batch(tokenizer, labels, max_text_len=text_len, template=template, rng=None, pad_to=text_len)
-    out = {"tokens": obj.tokens, "targets": obj.targets, "answer_pos": obj.answer_pos}
-    if captions:
-        cap_template = prompts.choose_template(rng, prompts.CAPTION_TEMPLATES)
-        cap = prompts.caption_batch(
-            tokenizer, [str(c) for c in batch["caption"]], max_text_len=text_len, template=cap_template, pad_to=text_len
-        )
-        out.update(cap_tokens=cap.tokens, cap_targets=cap.targets)
-    return out
-
-
 def batch_spec(batch_size: int, *, image_size: int, text_len: int, captions: bool) -> dict[str, jax.ShapeDtypeStruct]:
     """Shape and dtype of every array of a train-step batch: `model_inputs` builds its arrays to it, and
     the compile check (nxtp_jax/aot) compiles against it, so the two cannot drift apart."""
@@ -91,9 +62,26 @@ def model_inputs(
     text_len: int,
     captions: bool,
 ) -> dict[str, np.ndarray]:
-    """The arrays the train step takes, from one process-local pipeline batch, as `batch_spec` says."""
-    arrays = {"image": batch["image"], "skipped": batch["skipped"]}
-    arrays.update(text_arrays(tokenizer, batch, step=step, seed=seed, augment=augment, text_len=text_len, captions=captions))
+    """The arrays the train step takes, from one process-local pipeline batch, as `batch_spec` says.
+
+    One prompt template per batch (drawn from seed and step if `augment`); labels keep the
+    order they arrive in (shuffled upstream by `shuffle_labels`); every text array is padded
+    to `text_len`, so all batches have one static shape. The caption branch's arrays too if `captions`.
+    """
+    rng = template_rng(seed, step) if augment else None
+    template = prompts.choose_template(rng, prompts.OBJECT_TEMPLATES)
+    labels = [split_labels(field) for field in batch["labels"]]
+    obj = prompts.object_batch(tokenizer, labels, max_text_len=text_len, template=template, rng=None, pad_to=text_len)
+    arrays = {
+        "image": batch["image"], "skipped": batch["skipped"],
+        "tokens": obj.tokens, "targets": obj.targets, "answer_pos": obj.answer_pos,
+    }
+    if captions:
+        cap_template = prompts.choose_template(rng, prompts.CAPTION_TEMPLATES)
+        cap = prompts.caption_batch(
+            tokenizer, [str(c) for c in batch["caption"]], max_text_len=text_len, template=cap_template, pad_to=text_len
+        )
+        arrays.update(cap_tokens=cap.tokens, cap_targets=cap.targets)
     image = np.shape(batch["image"])
     spec = batch_spec(image[0], image_size=image[1], text_len=text_len, captions=captions)
     out = {k: np.asarray(arrays[k], s.dtype) for k, s in spec.items()}

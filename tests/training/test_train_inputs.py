@@ -40,7 +40,7 @@ def batch(n=4):
 
 def test_one_template_per_batch_drawn_from_seed_and_step(tok):
     def template_of(step, seed=0, augment=True):
-        out = inputs.text_arrays(tok, batch(), step=step, seed=seed, augment=augment, text_len=40, captions=False)
+        out = inputs.model_inputs(tok, batch(), step=step, seed=seed, augment=augment, text_len=40, captions=False)
         prompt_len = int(out["answer_pos"][0]) + 1
         assert (out["answer_pos"] == out["answer_pos"][0]).all()
         return tuple(out["tokens"][0, :prompt_len])
