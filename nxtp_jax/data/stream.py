@@ -16,6 +16,7 @@ restoring re-reads that one window and continues with exactly the same samples.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import grain
@@ -27,17 +28,19 @@ from nxtp_jax.data.tar import TarFormatError, open_shard, read_group
 _EPOCH_END = object()
 
 
+@dataclasses.dataclass(eq=False)
 class _OpenUnit:
     """One unit being read: a shard descriptor, a byte offset and a sample counter."""
 
-    def __init__(self, position: int, shard: str, part: int, parts: int, offset: int, index: int):
-        self.position = position
-        self.shard = shard
-        self.part = part
-        self.parts = parts
-        self.offset = offset
-        self.index = index
-        self.fd, self.size = open_shard(shard)
+    position: int
+    shard: str
+    part: int
+    parts: int
+    offset: int
+    index: int
+
+    def __post_init__(self) -> None:
+        self.fd, self.size = open_shard(self.shard)
         self.done = False
 
     def close(self) -> None:
