@@ -219,11 +219,7 @@ class OrtTagger:
     ) -> list[list[tuple[str, float]]]:
         """Per image, at most `num_labels` (label, score) pairs scored at least `min_prob`, best first;
         `vocab` constrains the labels to a closed vocabulary (`Tagger.predict`)."""
-        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-            raise TypeError("expected a sequence of images; wrap a single image in a list")
-        if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
-            raise ValueError(f"expected num_labels >= 1, found {num_labels!r}")
-        ranking.check_threshold(min_prob, ranking_method)
+        ranking.check_predict(images, num_labels, min_prob, ranking_method)
         vocab = self.vocabulary(vocab)
         tok, images = self.tokenizer, list(images)
         table = np.asarray(self.embeddings, np.float32) if ranking_method == "sim" else None

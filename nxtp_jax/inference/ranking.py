@@ -17,7 +17,8 @@ and the labels are ranked by one of:
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import os
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -58,6 +59,20 @@ def groups_from_stream(tokens: Sequence[int], probs: Sequence[float], delimiter_
             groups.append(Group(tuple(tokens[start : i + 1]), tuple(probs[start : i + 1])))
             start = i + 1
     return groups
+
+
+def check_num_labels(num_labels: Any) -> None:
+    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
+        raise ValueError(f"expected num_labels >= 1 (labels per image), found {num_labels!r}")
+
+
+def check_predict(images: Any, num_labels: Any, min_prob: float, method: str) -> None:
+    """What every tagger's `predict` checks before any work: a sequence of images (not one image),
+    `num_labels` and `min_prob` (`check_threshold`)."""
+    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+        raise TypeError("expected a sequence of images; wrap a single image in a list")
+    check_num_labels(num_labels)
+    check_threshold(min_prob, method)
 
 
 def check_threshold(min_prob: float, method: str) -> None:

@@ -42,11 +42,6 @@ def default_dtype(backend: str | None = None) -> Any:
     return jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
 
 
-def check_num_labels(num_labels: Any) -> None:
-    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
-        raise ValueError(f"expected num_labels >= 1 (labels per image), found {num_labels!r}")
-
-
 class Tagger:
     def __init__(self, model: Recognizer, params: Any, tokenizer: Tokenizer, *, batch_size: int = 8):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -165,13 +160,10 @@ class Tagger:
         (`decoder_kw` go to `decoding.greedy` / `decoding.beam_search`; beam search records
         no probabilities, so it ranks by "sim" or "none" only, as in the original).
         """
-        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-            raise TypeError("expected a sequence of images; wrap a single image in a list")
+        ranking.check_predict(images, num_labels, min_prob, ranking_method)
         if errors not in ("raise", "return"):
             raise ValueError(f"expected errors='raise' or 'return', found {errors!r}")
-        check_num_labels(num_labels)
         check_decoding(strategy, ranking_method)
-        ranking.check_threshold(min_prob, ranking_method)
         vocab = self.vocabulary(vocab)
         key = jax.random.key(seed)
         images = list(images)
@@ -208,7 +200,7 @@ class Tagger:
 
         `vocab` (one-shot only) constrains the branches to a closed vocabulary, as in `predict`.
         """
-        check_num_labels(num_labels)
+        ranking.check_num_labels(num_labels)
         vocab = self.vocabulary(vocab)
         if vocab is not None and strategy != "one_shot":
             raise ValueError(f"expected strategy 'one_shot' with a vocabulary (the constrained decoder), found {strategy!r}")
