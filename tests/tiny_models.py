@@ -49,10 +49,5 @@ def demo_config(data_root, **fields):
     """configs/demo.py's "tiny" variant with data under `data_root`, and `fields` set by dotted name."""
     config = demo.get_config("tiny")
     config.data.root = str(data_root)
-    for key, value in fields.items():
-        *parents, last = key.split(".")
-        target = config
-        for p in parents:
-            target = target[p]
-        target[last] = value
+    config.update_from_flattened_dict(fields)
     return config
