@@ -36,19 +36,21 @@ META_SHARD_DIM0 = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forw
 META_SHARD_DIM1 = ("attention.wo.", "feed_forward.w2.", "tok_embeddings.")
 
 
+def _scaled(noise: Tensor, norm_scale: bool) -> Tensor:
+    """Standard normal `noise` as a matrix ~ N(0, 1/fan_in), a norm scale ~ 1 + N(0, 0.1^2) or a bias ~ N(0, 0.1^2)."""
+    if noise.ndim >= 2:
+        return noise / math.sqrt(noise[0].numel())
+    return 1.0 + 0.1 * noise if norm_scale else 0.1 * noise
+
+
 def randomize(module: nn.Module, seed: int) -> None:
     """Seeded values: matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if p.ndim >= 2:
-                value = noise / math.sqrt(p[0].numel())
-            elif name.endswith(".weight"):  # LayerNorm / RMSNorm scales
-                value = 1.0 + 0.1 * noise
-            else:
-                value = 0.1 * noise
-            p.copy_(value.to(p.dtype))
+            # vectors named .weight are LayerNorm / RMSNorm scales
+            p.copy_(_scaled(noise, name.endswith(".weight")).to(p.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,13 +447,8 @@ def random_nxtp_model_state(
     for i in trained_vision_blocks:
         for leaf in NXTP_CLIP_BLOCK_KEYS:
             noise = torch.randn(shapes.get(leaf, (w,)), generator=gen)
-            if noise.ndim == 2:
-                value = noise / math.sqrt(noise.shape[1])
-            elif leaf.startswith("ln_") and leaf.endswith(".weight"):
-                value = 1.0 + 0.1 * noise
-            else:
-                value = 0.1 * noise
-            state[f"vision_encoder.transformer.resblocks.{i}.{leaf}"] = value
+            norm_scale = leaf.startswith("ln_") and leaf.endswith(".weight")
+            state[f"vision_encoder.transformer.resblocks.{i}.{leaf}"] = _scaled(noise, norm_scale)
     state["vision_encoder.ln_post.weight"] = 1.0 + 0.1 * torch.randn(w, generator=gen)
     state["vision_encoder.ln_post.bias"] = 0.1 * torch.randn(w, generator=gen)
     state["vision_encoder.proj.weight"] = torch.randn(dim, w, generator=gen) / math.sqrt(w)
