@@ -42,15 +42,16 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
 def local_mesh(fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over this process's devices (all of them by default): inference needs no cross-host collectives.
 
-    Every process of a multi-host run gets a mesh of its own devices, never process 0's.
+    Every process of a multi-host run gets a mesh of its own devices, never process 0's. `fsdp=-1` (as in
+    a config's mesh) takes the devices that `tensor` leaves, and data parallelism none.
     """
     devices = list(devices if devices is not None else jax.local_devices())
-    if len(devices) % (fsdp * tensor):
+    if len(devices) % (abs(fsdp) * tensor):
         raise ValueError(
             f"expected the {len(devices)} local devices to split into fsdp={fsdp} x tensor={tensor} groups; "
             "set mesh.fsdp and mesh.tensor to divisors of the devices per host"
         )
-    return make_mesh({"data": -1, "fsdp": fsdp, "tensor": tensor}, devices)
+    return make_mesh({"data": 1 if fsdp == -1 else -1, "fsdp": fsdp, "tensor": tensor}, devices)
 
 
 def one_device_mesh() -> Mesh:

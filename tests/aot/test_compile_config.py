@@ -38,3 +38,15 @@ def test_sized_vocabulary_is_llama_for_a_checkpoint_and_the_tokenizer_size_from_
     config.model.init = "scratch"
     config.tokenizer.vocab_size = 700
     assert experiment.sized_vocabulary(config).vocab_size == 702
+
+
+def test_g3m_default_mesh_is_fsdp_over_all_devices_in_training_and_over_the_host_in_eval():
+    import jax
+
+    from nxtp_jax import sharding
+
+    config = g3m.get_config()
+    assert dict(experiment.make_mesh(config).shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+    # The eval job's per-host mesh from the same fields (evaluation/job.py).
+    eval_mesh = sharding.local_mesh(int(config.mesh.fsdp), int(config.mesh.tensor))
+    assert dict(eval_mesh.shape) == {"data": 1, "fsdp": jax.local_device_count(), "tensor": 1}
