@@ -27,8 +27,8 @@ from nxtp_jax.errors import NxtpError
 
 REPORT_FILE = "compile_report.json"
 LIBTPU_HINT = 'compiling for a TPU needs libtpu, which is not installed: pip install -e ".[tpu]"'
-# FSDP's windowed-einsum loops are costed once per loop by the cost model, under-counting FLOPs (26% for
-# g3m on v5e:4x4); without them the estimate counts every FLOP. The real run may use them.
+# FSDP's windowed-einsum loops are costed once per loop by the cost model, under-counting FLOPs (by 26%
+# for g3m on v5e:4x4 when first measured); without them the estimate counts every FLOP. The real run may use them.
 COMPILER_OPTIONS = {
     "xla_tpu_enable_windowed_einsum_for_all_gather": False,
     "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
