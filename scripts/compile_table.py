@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
         return 2
     lines = [HEADER, "|" + "---|" * HEADER.count(" |")]
     for arg in argv:
-        label, path = arg.split("=", 1)
+        label, path = arg.rsplit("=", 1)  # labels may hold flags (a=b); paths do not
         with open(path) as f:
             lines += rows(label, json.load(f))
     print("\n".join(lines))
