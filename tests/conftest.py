@@ -31,8 +31,50 @@ BY_PATH = {
     "serve": ("serve/",),
     "browser": ("serve/test_serve_page.py",),
     "export": ("export/",),
-    # Over ~5 s each on 2 cores (measured with --durations; the figures are in the README).
-    "slow": ("test_install.py",),
+    # Over ~5 s each in a full run on 2 busy cores (--durations; about 2 s on quiet ones). The fast
+    # loop still imports every module but the export extra's (tested in its own environment).
+    "slow": (
+        "test_install.py",
+        "test_compilation_cache.py",
+        "data/test_data_fuzz.py::test_fuzz_script_run_stays_under_a_memory_cap",
+        "data/test_data_pipeline.py::test_eval_with_workers_keeps_order",
+        "data/test_data_pipeline.py::test_orbax_restore_with_two_workers_and_two_processes",
+        "evaluation/test_embedders.py::test_clip_text_equals_openai_encode_text_across_buckets",
+        "evaluation/test_embedders.py::test_minilm_compiles_once_per_bucket",
+        "evaluation/test_embedders.py::test_minilm_embeddings_equal_sentence_transformers_on_300_strings",
+        "evaluation/test_embedders.py::test_semantic_fscore_minilm_with_torch_blocked_equals_sentence_transformers",
+        "evaluation/test_evaluate.py::test_batch_predictor_equals_tagger_predict",
+        "evaluation/test_evaluate.py::test_eval_vocab_constrains_every_prediction_as_tagger_predict_does",
+        "evaluation/test_evaluate.py::test_two_processes_give_the_same_results_as_one",
+        "evaluation/test_evaluate_clip.py::test_eval_predictor_with_clip_ranking",
+        "evaluation/test_evaluate_clip.py::test_image_features_match_openai_encode_image",
+        "evaluation/test_evaluate_in1k.py::test_eval_job_on_a_tfds_split",
+        "evaluation/test_metrics.py::test_clip_text_tower_matches_openai_model",
+        "evaluation/test_metrics.py::test_minilm_matches_sentence_transformers",
+        "inference/test_decoding.py::test_greedy_matches_reference_loop",
+        "inference/test_decoding.py::test_sampling_variants_run_and_are_seeded",
+        "inference/test_e2e_original.py",
+        "inference/test_infer.py::test_nxtp_tag_console_script_and_module_print_the_same_json",
+        "inference/test_infer_bulk.py::test_killed_run_resumes_with_every_image_exactly_once",
+        "inference/test_quantize.py::test_int8_labels_equal_fp32_at_top_k",
+        "inference/test_quantize.py::test_sampler_keeps_the_weights_in_int8_inside_the_loop",
+        "inference/test_quantize.py::test_served_tagger_equals_fp32_on_the_dequantized_weights",
+        "inference/test_sampling.py::test_kv_cache_matches_recompute",
+        "models/test_mask.py::test_eager_matches_reference",
+        "models/test_mask.py::test_generation_mask_matches_slow_reference",
+        "pretrained/test_pretrained.py::test_two_concurrent_first_uses_give_one_valid_cache",
+        "training/test_activation_sharding.py::test_scan_over_blocks_gives_the_loops_logits_and_gradients_in_fp32",
+        "training/test_train_loop.py::test_resume_is_bit_exact",
+        "training/test_train_loop.py::test_sigterm_saves_and_exits_cleanly",
+        "training/test_train_loop.py::test_workdir_loads_with_its_frozen_weights",
+        "training/test_train_multihost.py",
+        "training/test_train_step.py::test_caption_branch_adds_its_weighted_loss_and_costs_nothing_at_weight_zero",
+        "training/test_train_step.py::test_fsdp_state_is_sharded",
+        "training/test_train_step.py::test_gradient_accumulation_keeps_the_batch_token_mean",
+        "training/test_train_step.py::test_sharded_step_matches_one_device",
+        "training/test_train_storage.py",
+        "weights/test_weights_convert.py::test_nxtp_convert_console_script_meta_llama_and_openai_clip",
+    ),
 }
 # A test starts a process when its code, a helper of its module or one of its fixtures does so.
 SPAWNS = re.compile(r"\bsubprocess\.|\bPopen\b|\bmultiprocessing\b|sys\.executable")
@@ -54,7 +96,8 @@ def _starts_processes(item: pytest.Item) -> bool:
             return True
         names = set(re.findall(r"\b[A-Za-z_]\w*\b", source))
         for home in (inspect.getmodule(fn), module):  # test code only: helpers of the tests, never the library
-            todo += [f for f in (getattr(home, n, None) for n in names) if inspect.isfunction(f) and _in_tests(f)]
+            for obj in (getattr(home, n, None) for n in names):
+                todo += [m for m in vars(obj).values() if _in_tests(m)] if inspect.isclass(obj) else [obj] if _in_tests(obj) else []
     return False
 
 
