@@ -266,9 +266,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         if not r["fits"]:
             continue
         lines.append(
-            f"{r['program']} b={r['global_batch']} memory_analysis (bytes per chip): arguments {r['argument_bytes']} + outputs "
-            f"{r['output_bytes']} + temporaries {r['temp_bytes']} + code {r['code_bytes']} - aliased {r['alias_bytes']} "
-            f"= peak {r['peak_bytes_per_chip']}"
+            f"{r['program']} b={r['global_batch']} memory_analysis (bytes per chip): peak {r['peak_bytes_per_chip']}; arguments "
+            f"{r['argument_bytes']}, outputs {r['output_bytes']} (aliased to arguments {r['alias_bytes']}), temporaries "
+            f"{r['temp_bytes']}, code {r['code_bytes']}"
         )
         lines.append(
             f"{r['program']} b={r['global_batch']} cost_analysis (per chip): flops {r['flops']:.0f}, bytes accessed "
