@@ -87,7 +87,7 @@ def test_nxtp_convert_model_refuses_file_inputs_beside_it_and_asks_for_them_with
 
 
 @pytest.mark.parametrize("module, name, required", [
-    ("tag", "tag_command", []), ("serve", "serve", []), ("export", "export_command", ["--out=x"]),
+    ("tag", "tag_command", []), ("serve", "serve_command", []), ("export", "export_command", ["--out=x"]),
 ])
 def test_model_is_the_ckpt_flag_in_every_command_that_loads_one(module, name, required):
     import importlib
