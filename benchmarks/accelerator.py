@@ -7,7 +7,7 @@
   on one image, warm, ms per image; and the mean number of sampling updates it ran. Random
   weights never emit the delimiter, so every branch runs to the cap (19): the slowest case.
   Goal <= 25 ms (the paper: 123 ms on an A100, recomputing the sequence at every step).
-- eval: images/s of the eval loop (`evaluate.run`, benchmarks.evaluation's in-memory loader) at
+- eval: images/s of the eval loop (`job.run`, benchmarks.evaluation's in-memory loader) at
   batch 64, top-10, the metric included (the default `minilm` embedder; exact matching,
   named in the table, where its weights are missing). Goal >= 84 images/s (COCO-val's 5,000
   images in under 60 s).
@@ -80,7 +80,7 @@ def latency_and_eval(tiny: bool) -> dict:
 
     from nxtp_jax import sharding
     from nxtp_jax.data import imagenet
-    from nxtp_jax.evaluation import job as evaluate
+    from nxtp_jax.evaluation import job
     from nxtp_jax.inference.tagger import Tagger
     from nxtp_jax.models.recognizer import Recognizer, init_params
 
@@ -108,17 +108,17 @@ def latency_and_eval(tiny: bool) -> dict:
     names = [n.lower() for names in imagenet.class_names() for n in names]
     targets = [[names[(7 * i + j) % len(names)] for j in range(3)] for i in range(n_images)]
     mesh = sharding.local_mesh()
-    tagger = Tagger(model, evaluate.place_params(params, mesh), tok, batch_size=EVAL_BATCH)
-    predictor = evaluate.BatchPredictor(tagger, k=K, mesh=mesh)
+    tagger = Tagger(model, job.place_params(params, mesh), tok, batch_size=EVAL_BATCH)
+    predictor = job.BatchPredictor(tagger, k=K, mesh=mesh)
     t0 = time.perf_counter()
     predictor.finish(predictor.launch(images[np.arange(EVAL_BATCH) % n_images]))
     out["eval_first_batch_s"] = time.perf_counter() - t0
     try:
-        metric, embedder, note = evaluate.make_metric("minilm")
+        metric, embedder, note = job.make_metric("minilm")
     except (ImportError, OSError) as e:  # weights package absent or unreadable
-        metric, embedder, note = evaluate.make_metric("exact")[0], "exact", f"MiniLM unavailable ({e}); exact matching"
+        metric, embedder, note = job.make_metric("exact")[0], "exact", f"MiniLM unavailable ({e}); exact matching"
         print(f"WARNING: {note}", flush=True)
-    result = evaluate.run(predictor, evaluation.MemoryLoader(images, targets, EVAL_BATCH), metric, progress=False)
+    result = job.run(predictor, evaluation.MemoryLoader(images, targets, EVAL_BATCH), metric, progress=False)
     t = result.timing
     out.update(
         eval_images=len(result.records),

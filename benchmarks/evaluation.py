@@ -1,4 +1,4 @@
-"""Evaluation: the eval job's loop (`evaluate.run`), images/s and how the time splits between model and metric;
+"""Evaluation: the eval job's loop (`job.run`), images/s and how the time splits between model and metric;
 and the metric's embedder, Flax MiniLM against sentence-transformers (`--embedders`).
 
     python -m benchmarks.evaluation                                  # the demo's small model on the CPU
@@ -34,7 +34,7 @@ import numpy as np
 from benchmarks import common
 from nxtp_jax import experiment, prompts, sharding
 from nxtp_jax.configs import demo
-from nxtp_jax.evaluation import job as evaluate, metrics
+from nxtp_jax.evaluation import job, metrics
 from nxtp_jax.data import imagenet
 from nxtp_jax.data import shapes
 from nxtp_jax.experiment import full_size
@@ -72,7 +72,7 @@ def small_setup(args, workdir: pathlib.Path):
     images = np.stack([s[0] for s in scenes])
     targets = [s[2] for s in scenes]
     if args.ckpt:
-        tagger = evaluate.load_tagger(args.ckpt, sharding.local_mesh(), dtype=jnp.float32, param_dtype=jnp.float32, batch_size=args.batch)
+        tagger = job.load_tagger(args.ckpt, sharding.local_mesh(), dtype=jnp.float32, param_dtype=jnp.float32, batch_size=args.batch)
         return tagger, images, targets
     corpus = list(prompts.OBJECT_TEMPLATES) * 50 + [", ".join(s[2]) for s in scenes] + [s[1] for s in scenes]
     tok = Tokenizer(train_sentencepiece(corpus, workdir / "bench.model", config.tokenizer.vocab_size))
@@ -100,7 +100,7 @@ def realistic_metric(embedder: str, num_images: int, k: int, batch: int) -> tupl
     p /= p.sum()
     preds = [[vocab[j] for j in rng.choice(len(vocab), k, p=p)] for _ in range(num_images)]
     tgts = [[vocab[j] for j in rng.choice(len(vocab), rng.integers(2, 7), p=p)] for _ in range(num_images)]
-    metric, _, _ = evaluate.make_metric(embedder)
+    metric, _, _ = job.make_metric(embedder)
     start = time.perf_counter()
     for i in range(0, num_images, batch):
         metric.update(preds[i : i + batch], tgts[i : i + batch])
@@ -153,17 +153,17 @@ def main(argv: list[str] | None = None) -> None:
     workdir = pathlib.Path(tempfile.mkdtemp())
     tagger, images, targets = (full_setup if args.full else small_setup)(args, workdir)
     mesh = sharding.local_mesh()
-    tagger.params = evaluate.place_params(tagger.params, mesh)
+    tagger.params = job.place_params(tagger.params, mesh)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(tagger.params))
     print(f"{n_params / 1e6:.1f}M params, {images.shape[1]}px, batch {args.batch}, top-{args.k}; {common.machine()}")
 
-    predictor = evaluate.BatchPredictor(tagger, k=args.k, mesh=mesh)
+    predictor = job.BatchPredictor(tagger, k=args.k, mesh=mesh)
     start = time.perf_counter()
     predictor.finish(predictor.launch(images[np.arange(args.batch) % len(images)]))
     compile_s = time.perf_counter() - start
 
-    metric, embedder, note = evaluate.make_metric(args.embedder)
-    result = evaluate.run(predictor, MemoryLoader(images, targets, args.batch), metric, progress=False)
+    metric, embedder, note = job.make_metric(args.embedder)
+    result = job.run(predictor, MemoryLoader(images, targets, args.batch), metric, progress=False)
     t = result.timing
     n = len(result.records)
     print(f"first batch (compilation included): {compile_s:.1f} s")

@@ -98,24 +98,24 @@ def build(config, mesh, rules, abstract_only: bool):
     import jax
 
     from nxtp_jax import checkpoint, experiment, params as ptree, sharding
-    from nxtp_jax.training import optim, loop as train, step as train_state
+    from nxtp_jax.training import loop, optim, step
 
     model_cfg = experiment.model_config(config, vocabulary())
-    model = train.build_model(config, model_cfg, mesh)
+    model = loop.build_model(config, model_cfg, mesh)
     schedule, make_tx = optim.from_config(config)
     if abstract_only:
         abstract = checkpoint.abstract_params(model, mesh, rules)
-        return model, train_state.abstract_state(abstract, tuple(config.trainable), make_tx, mesh)
+        return model, step.abstract_state(abstract, tuple(config.trainable), make_tx, mesh)
     params = checkpoint.scratch_params(model, config.seed, mesh, rules)
-    state, frozen, tx = train_state.create(params, tuple(config.trainable), make_tx, mesh)
+    state, frozen, tx = step.create(params, tuple(config.trainable), make_tx, mesh)
     del params
-    opts = train_state.StepOptions.from_config(config, model_cfg, vocabulary().delimiter_id)
+    opts = step.StepOptions.from_config(config, model_cfg, vocabulary().delimiter_id)
     rows = None
     if tuple(config.embedding_rows) != (ptree.ALL_ROWS,):
         rows = jax.numpy.asarray(optim.embedding_row_mask(model_cfg.decoder.vocab_size, [vocabulary().image_id]))
-    step = train_state.make_train_step(model, tx, schedule, opts, rows)
+    train_step = step.make_train_step(model, tx, schedule, opts, rows)
     spec = sharding.batch_sharding(mesh, rules)
-    return model, (state, frozen, train_state.jit_train_step(step, state, frozen, spec, mesh), spec)
+    return model, (state, frozen, step.jit_train_step(train_step, state, frozen, spec, mesh), spec)
 
 
 def gib(n: int) -> str:
@@ -126,7 +126,7 @@ def report_memory(config, mesh, rules) -> None:
     import jax
     import numpy as np
 
-    from nxtp_jax.training import step as train_state
+    from nxtp_jax.training import step
 
     _, (state, frozen, _) = build(config, mesh, rules, abstract_only=True)
 
@@ -147,7 +147,7 @@ def report_memory(config, mesh, rules) -> None:
     ]
     print(f"{'':18s} {'total':>11s} {'per device':>11s} {'ratio':>7s}")
     for name, tree in rows:
-        t, d = total(tree), train_state.per_device_bytes(tree)
+        t, d = total(tree), step.per_device_bytes(tree)
         print(f"{name:18s} {gib(t):>11s} {gib(d):>11s} {t / max(d, 1):7.2f}x")
 
 
