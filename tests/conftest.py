@@ -74,6 +74,15 @@ BY_PATH = {
         "training/test_train_step.py::test_sharded_step_matches_one_device",
         "training/test_train_storage.py",
         "weights/test_weights_convert.py::test_nxtp_convert_console_script_meta_llama_and_openai_clip",
+        # Over ~5 s each on a first run (an empty compilation cache): the fast loop keeps one server
+        # process (test_serve_guarded), the in-process serve tests and one test per training module.
+        "serve/test_serve_api.py",
+        "serve/test_serve_drain.py",
+        "inference/test_tagger_dtype.py::test_load_keeps_bfloat16_weights_on_an_accelerator_with_the_float32_weights_choices",
+        "training/test_activation_sharding.py::test_scan_keeps_the_kv_cache_path_on_the_loop",
+        "training/test_activation_sharding.py::test_activation_constraints_are_absent_without_a_mesh_and_present_with_one",
+        "training/test_activation_sharding.py::test_fsdp_x_tensor_train_step_gathers_one_parameter_at_a_time_and_holds_an_eighth_of_the_state",
+        "training/test_train_loop.py::test_non_finite_values_stop_the_run_without_saving_them",
     ),
 }
 # A test starts a process when its code, a helper of its module or one of its fixtures does so.

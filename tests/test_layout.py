@@ -153,3 +153,24 @@ def test_nothing_edits_sys_path():
         for line in _calls(ast.parse(path.read_text()), "sys", "path")
     ]
     assert trees and offenders == []
+
+
+# Modules that import an extra's package at module level, tested in their own environment (tests/export).
+NEEDS_AN_EXTRA = {
+    "nxtp_jax.export.onnx_export": "onnx",
+    "nxtp_jax.export.ort_tagger": "onnxruntime",
+    "nxtp_jax.export.savedmodel": "tensorflow",
+}
+
+
+def test_every_module_imports_so_the_fast_loop_reaches_it():
+    import importlib
+
+    failed = {}
+    for name in sorted(modules()):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if NEEDS_AN_EXTRA.get(name) != e.name:
+                failed[name] = repr(e)
+    assert failed == {}
