@@ -31,14 +31,14 @@ def reference_greedy(model, params, images, prompt, tok, steps, penalty):
     out = []
     seen = np.zeros((b, model.config.decoder.vocab_size), bool)
 
-    @jax.jit
-    def last_logits(h, m):
+    @jax.jit  # the mask too: built eagerly, its ops would compile one by one at every length
+    def last_logits(h, text):
+        m = mask.generation_mask(text, jnp.full(b, p - 1), delimiter_id=tok.delimiter_id, num_image_tokens=n)
         hidden, _ = model.apply({"params": params}, h, jnp.arange(h.shape[1])[None], m, method=Recognizer.decode)
         return model.apply({"params": params}, hidden[:, -1], method=Recognizer.logits)
 
     for _ in range(steps):
-        m = mask.generation_mask(text, np.full(b, p - 1), delimiter_id=tok.delimiter_id, num_image_tokens=n)
-        logits = np.asarray(last_logits(h, m))
+        logits = np.asarray(last_logits(h, text))
         logits = np.where(seen, logits / penalty, logits)
         nxt = logits.argmax(-1)
         seen[np.arange(b), nxt] = True
