@@ -65,7 +65,8 @@ def reference_loss(model, params, batch, tok, *, tokens="tokens", targets="targe
         m = mask.prefix_mask(n, n + batch[tokens].shape[1])
     else:
         m = mask.label_mask(batch[tokens], batch["answer_pos"], delimiter_id=tok.delimiter_id, num_image_tokens=n)
-    logits = np.asarray(model.apply({"params": params}, images, batch[tokens], m), np.float64)
+    # Jitted: eagerly, each of the forward's ops would compile on its own.
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, images, batch[tokens], m), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     t = np.asarray(batch[targets])
