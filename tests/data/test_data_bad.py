@@ -4,8 +4,10 @@ import gzip
 import io
 import logging
 import os
+import pathlib
 import struct
 import subprocess
+import sys
 import tarfile
 import zlib
 
@@ -155,7 +157,7 @@ def test_check_cli_reports_each_problem(tmp_path):
 def test_nxtp_check_console_script_exits_zero_on_good_shards(tmp_path):
     shard = str(tmp_path / "ok.tar")
     write_shard(shard, [good("k1", 1), good("k2", 2)])
-    proc = subprocess.run(["nxtp-check", shard], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(pathlib.Path(sys.executable).with_name("nxtp-check")), shard], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"{shard}: valid=2 skipped=0", "valid=2 skipped=0 shards=1"]
 

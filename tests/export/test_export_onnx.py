@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import shutil
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -221,8 +223,9 @@ def test_float16_weights_match_jax_with_float16_weights(tmp_path, ended, images)
 
 def test_errors_name_the_problem(tmp_path, ended, images, ort_python):
     ckpt, onnx_dir, _ = ended
-    res = subprocess.run(["nxtp-export", f"--ckpt={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}"], capture_output=True, text=True)
-    assert res.returncode == 1 and "config.json not found" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([str(pathlib.Path(sys.executable).with_name("nxtp-export")), f"--ckpt={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}"], capture_output=True, text=True)
+    assert res.returncode == 1 and "a checkpoint directory, found" in res.stderr and "nothing" in res.stderr
+    assert "Traceback" not in res.stderr
     res = in_process(export_command, f"--ckpt={ckpt}", f"--out={onnx_dir}")
     assert res.returncode == 1 and "already exists" in res.stderr
     res = in_process(export_command, f"--ckpt={ckpt}", f"--out={tmp_path / 'o'}", "--quantize=int2")

@@ -1,6 +1,7 @@
 """The inference CLI end to end on a tiny checkpoint, and the Tagger it wraps."""
 
 import json
+import pathlib
 import subprocess
 import sys
 import types
@@ -90,7 +91,7 @@ def test_cli_missing_image(tiny_ckpt, tmp_path):
 
 def test_nxtp_tag_console_script_and_module_print_the_same_json(tiny_ckpt, image_paths):
     args = [f"--ckpt={tiny_ckpt}", "--num_labels=2", "--json", image_paths[0]]
-    script = subprocess.run(["nxtp-tag", *args], capture_output=True, text=True, timeout=600)
+    script = subprocess.run([str(pathlib.Path(sys.executable).with_name("nxtp-tag")), *args], capture_output=True, text=True, timeout=600)
     module = subprocess.run([sys.executable, "-m", "nxtp_jax.infer", *args], capture_output=True, text=True, timeout=600)
     assert script.returncode == module.returncode == 0, script.stderr + module.stderr
     assert json.loads(script.stdout) == json.loads(module.stdout) and json.loads(script.stdout)[0]["labels"]

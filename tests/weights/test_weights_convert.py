@@ -7,6 +7,7 @@ import collections
 import pathlib
 import shlex
 import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -109,7 +110,7 @@ def test_nxtp_convert_console_script_meta_llama_and_openai_clip(sources, tmp_pat
     out = tmp_path / "ckpt"
     args = [f"--clip={sources['clip']}", f"--llama_dir={sources['llama']}", f"--tokenizer={sources['tokenizer']}", "--layers=2",
             "--seed=7", f"--out={out}"]
-    res = subprocess.run(["nxtp-convert", *args], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([str(pathlib.Path(sys.executable).with_name("nxtp-convert")), *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "clip: kept 31 keys, dropped 22" in res.stdout
     assert "llama: kept 21 keys, dropped 10" in res.stdout
