@@ -89,12 +89,7 @@ def compile_row(program: programs.Program, topology: topologies.Topology) -> dic
 def with_settings(config: config_dict.ConfigDict, settings: dict[str, Any]) -> config_dict.ConfigDict:
     """A copy of `config` with dotted fields set, e.g. {"mesh.fsdp": 4}."""
     out = config_dict.ConfigDict(config.to_dict())
-    for key, value in settings.items():
-        *parents, field = key.split(".")
-        node = out
-        for p in parents:
-            node = node[p]
-        node[field] = value
+    out.update_from_flattened_dict(settings)
     return out
 
 

@@ -18,12 +18,7 @@ def demo_config(variant="tiny", **fields):
     config = demo.get_config(variant)
     config.mode = "compile"
     config.compile.topology = TOPOLOGY
-    for key, value in fields.items():
-        *parents, name = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[name] = value
+    config.update_from_flattened_dict(fields)
     return config
 
 
