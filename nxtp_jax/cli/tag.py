@@ -113,7 +113,7 @@ def bulk(fv: flags.FlagValues, inputs: list[str]) -> int:
 
     tag_to_file(
         inputs, fv.output, lambda: load_tagger(fv),
-        num_labels=fv.num_labels, min_prob=fv.min_prob, vocab=lambda tagger: tagger.vocabulary(fv.vocab),
+        num_labels=fv.num_labels, min_prob=fv.min_prob, vocab=fv.vocab,
         ranking=fv.ranking, batch_size=fv.batch_size,
         process_index=jax.process_index() if fv.process_index is None else fv.process_index,
         process_count=jax.process_count() if fv.process_count is None else fv.process_count,

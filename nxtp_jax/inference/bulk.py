@@ -258,7 +258,7 @@ def tag_to_file(
     """Tags every image of `inputs` into OUT (see the module docstring).
 
     `load_tagger()` is called once the inputs and the output are checked, so a bad path fails
-    before the model loads; `vocab` is a file, a list or a function of the tagger giving a Vocabulary.
+    before the model loads; `vocab` (a file or a list of labels, or None) is built once, after the load.
     """
     from tqdm import tqdm
 
@@ -268,7 +268,7 @@ def tag_to_file(
     out = prepare_output(output, process_index, process_count)
     try:
         tagger = load_tagger()
-        vocab = vocab(tagger) if callable(vocab) else vocab
+        vocab = tagger.vocabulary(vocab)
         images = iter_images(inputs, lambda i, key: i % process_count == process_index and key not in out.done)
         tagged = failed = 0
         with tqdm(desc=f"tagging into {out.path}", unit="img") as bar:
