@@ -27,6 +27,8 @@ TORCH="${NXTP_TORCH:-torch==2.13.0}"
 
 [ -x "$ORT_VENV/bin/python" ] || "$PYTHON" -m venv "$ORT_VENV"
 "$ORT_VENV/bin/pip" install -q onnxruntime numpy pillow sentencepiece absl-py
+# An earlier run's nxtp_jax (installed without its dependencies) would fail the check: out first.
+"$ORT_VENV/bin/pip" uninstall -q -y nxtp_jax
 "$ORT_VENV/bin/pip" check
 # After the check, which would list nxtp_jax's dependencies as missing: the runner needs none of them.
 "$ORT_VENV/bin/pip" install -q --no-deps -e "$ROOT"
