@@ -2,7 +2,8 @@
 
 Memory and FLOPs are the compiler's (`memory_analysis()`, `cost_analysis()`). Times are estimates:
 `optimal_seconds` is the compiler's cost model, corrected below; the roofline bound is
-max(FLOPs / peak, bytes accessed / HBM bandwidth) at the chip's published figures.
+max(FLOPs / peak, bytes accessed / HBM bandwidth) at the chip's published figures. A sampler's decode
+loop, whose body cost_analysis counts once, is estimated from its body compiled on its own (`cost`).
 """
 
 from __future__ import annotations
@@ -69,27 +70,47 @@ def _elements(dims: str) -> int:
     return n
 
 
-def cost(compiled, chip: Chip, global_batch: int) -> dict[str, Any]:
-    """FLOPs and bytes per chip (the compiler's count), and the estimates derived from them."""
+def counts(compiled) -> dict[str, Any]:
+    """cost_analysis() of one compiled program, per chip, with its optimal_seconds corrected."""
     c = compiled.cost_analysis()
     c = c[0] if isinstance(c, (list, tuple)) else c
     text = compiled.as_text()
-    flops, accessed = float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
     raw = float(c.get("optimal_seconds", 0.0))
-    compiler_s = corrected_optimal_seconds(raw, text)
+    return {
+        "flops": float(c.get("flops", 0.0)),
+        "bytes_accessed": float(c.get("bytes accessed", 0.0)),
+        "optimal_seconds_raw": raw,
+        "concat_bitcasts": concat_bitcasts(text),
+        "compiler_estimate_s": corrected_optimal_seconds(raw, text),
+    }
+
+
+def cost(compiled, chip: Chip, global_batch: int, loop_step=None, loop_steps: int = 0) -> dict[str, Any]:
+    """FLOPs and bytes per chip (the compiler's count), and the estimates derived from them.
+
+    With `loop_step`, the body of the program's decode loop compiled on its own, which the loop runs at most
+    `loop_steps` times: cost_analysis counts the body once, so FLOPs, bytes and the compiler's time are
+    estimated as the whole program + (loop_steps - 1) x the step; both counts are kept beside the estimate.
+    """
+    whole = counts(compiled)
+    out: dict[str, Any] = dict(whole)
+    if loop_step is not None:
+        step = counts(loop_step)
+        out = {key: whole[key] + (loop_steps - 1) * step[key] for key in ("flops", "bytes_accessed", "compiler_estimate_s")}
+        out.update(
+            whole_program=whole, decode_step=step, decode_steps=loop_steps,
+            estimate_of="flops, bytes_accessed, compiler_estimate_s = whole_program + (decode_steps - 1) x decode_step",
+        )
+    flops, accessed, compiler_s = out["flops"], out["bytes_accessed"], out["compiler_estimate_s"]
     roofline_s = max(flops / chip.peak_flops, accessed / chip.hbm_bandwidth)
     step_s = max(compiler_s, roofline_s)  # both are lower bounds on the step time: the larger is the tighter
     return {
-        "flops": flops,
-        "bytes_accessed": accessed,
-        "optimal_seconds_raw": raw,
-        "concat_bitcasts": concat_bitcasts(text),
-        "compiler_estimate_s": compiler_s,
+        **out,
         "roofline_estimate_s": roofline_s,
         "estimated_step_s": step_s,
         "samples_per_s_bound": global_batch / step_s if step_s > 0 else None,
         "mfu_bound": flops / (step_s * chip.peak_flops) if step_s > 0 else None,
-        "collectives": collectives(text),
+        "collectives": collectives(compiled.as_text()),
     }
 
 

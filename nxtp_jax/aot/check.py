@@ -71,17 +71,19 @@ def compile_row(program: programs.Program, topology: topologies.Topology) -> dic
         "hbm_source": chip.source,
     }
     t0 = time.perf_counter()
-    try:
-        # An executable for chips this host lacks cannot be loaded back from the persistent cache.
-        with jax_config.enable_compilation_cache(False):
+    # An executable for chips this host lacks cannot be loaded back from the persistent cache.
+    with jax_config.enable_compilation_cache(False):
+        try:
             compiled = program.lower().compile(COMPILER_OPTIONS)
-    except jax.errors.JaxRuntimeError as e:
-        oom = analysis.out_of_memory(str(e))
-        if oom is None:
-            raise
-        row.update(fits=False, peak_bytes_per_chip=oom[0], available_bytes_per_chip=oom[1], flops=None, estimated_step_s=None)
-    else:
-        row.update(fits=True, **analysis.memory(compiled), **analysis.cost(compiled, chip, program.global_batch))
+        except jax.errors.JaxRuntimeError as e:
+            oom = analysis.out_of_memory(str(e))
+            if oom is None:
+                raise
+            row.update(fits=False, peak_bytes_per_chip=oom[0], available_bytes_per_chip=oom[1], flops=None, estimated_step_s=None)
+        else:
+            step = program.loop_step and program.loop_step.lower().compile(COMPILER_OPTIONS)
+            cost = analysis.cost(compiled, chip, program.global_batch, step, program.loop_steps)
+            row.update(fits=True, **analysis.memory(compiled), **cost)
     row["compile_s"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -239,6 +241,13 @@ def _num(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _costs(c: dict[str, Any]) -> str:
+    return (
+        f"flops {c['flops']:.0f}, bytes accessed {c['bytes_accessed']:.0f}, optimal_seconds {c['optimal_seconds_raw']!r} "
+        f"(raw; +1 s for each of {c['concat_bitcasts']} ConcatBitcast calls = {c['compiler_estimate_s']:.6g} s, an estimate)"
+    )
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """The printed report: one row per program, then each program's raw compiler figures."""
     head = (
@@ -265,16 +274,23 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['argument_bytes']}, outputs {r['output_bytes']} (aliased to arguments {r['alias_bytes']}), temporaries "
             f"{r['temp_bytes']}, code {r['code_bytes']}"
         )
-        lines.append(
-            f"{r['program']} b={r['global_batch']} cost_analysis (per chip): flops {r['flops']:.0f}, bytes accessed "
-            f"{r['bytes_accessed']:.0f}, optimal_seconds {r['optimal_seconds_raw']!r} (raw; +1 s for each of "
-            f"{r['concat_bitcasts']} ConcatBitcast calls = {r['compiler_estimate_s']:.6g} s, an estimate)"
-        )
+        at = f"{r['program']} b={r['global_batch']}"
+        if "decode_step" in r:
+            lines.append(f"{at} cost_analysis of the whole program (its decode loop's body counted once), {_costs(r['whole_program'])}")
+            lines.append(f"{at} cost_analysis of one decode step compiled on its own, {_costs(r['decode_step'])}")
+            lines.append(
+                f"{at} estimate for {r['decode_steps']} decode steps = whole program + {r['decode_steps'] - 1} x one step: "
+                f"flops {r['flops']:.0f}, bytes accessed {r['bytes_accessed']:.0f}, compiler estimate {r['compiler_estimate_s']:.6g} s"
+            )
+        else:
+            lines.append(f"{at} cost_analysis (per chip): {_costs(r)}")
         coll = ", ".join(f"{k} x{v['count']} {v['bytes'] / 2**20:.1f} MiB" for k, v in r["collectives"].items()) or "none"
         lines.append(f"{r['program']} b={r['global_batch']} collectives: {coll}")
     lines.append(
         "Times are estimates (a lower bound on the step), not measurements: the compiler's cost model and a roofline "
-        "at the chip's published peak; the samplers' decode loop body is counted once."
+        "at the chip's published peak. The samplers' FLOPs, bytes and times are estimates too: their decode loop "
+        "at its most steps, the whole program + (steps - 1) x one step, since cost_analysis counts a loop body once; "
+        "a step compiled alone also copies weights that the loop may copy once, so their bytes and times may overstate."
     )
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ nothing is allocated and the shapes cannot drift from the real pipeline's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -18,6 +19,7 @@ from ml_collections import config_dict
 from nxtp_jax import checkpoint, experiment, prompts, sharding
 from nxtp_jax.inference import sampling
 from nxtp_jax.inference.tagger import default_dtype
+from nxtp_jax.models.llama import init_cache
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.params import ALL_ROWS
 from nxtp_jax.tokenizer import SPECIAL_TOKENS
@@ -38,6 +40,9 @@ class Program:
     global_batch: int
     num_chips: int  # chips the program runs on
     param_dtype: str
+    # A sampler's decode loop body on its own, and the most times the loop runs it: cost_analysis counts a loop body once.
+    loop_step: Program | None = None
+    loop_steps: int = 0
 
     def lower(self):
         return self.fn.lower(*self.args, **self.kwargs)
@@ -87,15 +92,42 @@ def _sampler(
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=sharding.batch_sharding(mesh))
     # [<|image|>, BOS, template words]: about one token per word; the cost hardly depends on the exact count.
     prompt = jax.ShapeDtypeStruct((2 + len(prompts.OBJECT_TEMPLATES[0].split()),), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    kwargs = {"k": k, "delimiter_id": vocab.delimiter_id}
+    step = _decode_step(f"{name} decode step", model, params, images, prompt, mesh, **kwargs)
     return Program(
         name,
         sampling.one_shot,
         (model, params, images, prompt),
-        {"k": k, "delimiter_id": vocab.delimiter_id},
+        kwargs,
         dict(mesh.shape),
         batch,
         mesh.devices.size,
         jnp.dtype(param_dtype).name,
+        loop_step=step,
+        loop_steps=sampling.decode_steps(),
+    )
+
+
+def _decode_step(name: str, model: Recognizer, params, images, prompt, mesh, *, k: int, delimiter_id: int) -> Program:
+    """`sampling.decode_step`, the body of `one_shot`'s decode loop, on the loop state that `one_shot` builds for
+    these images, prompt and k: the batch dimension over the mesh's batch axes, as the images."""
+    b, t0, _ = jax.eval_shape(functools.partial(sampling.prefix_embeddings, model), params, images, prompt).shape
+    sampled = sampling.MAX_UPDATES - 1
+    cache = jax.eval_shape(lambda: init_cache(model.config.decoder, b, t0 + k * sampling.decode_steps(), model.dtype))
+    state = (
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((b, k, sampled), jnp.int32),
+        jax.ShapeDtypeStruct((b, k, sampled), jnp.float32),
+        jax.ShapeDtypeStruct((b, k), jnp.bool_),
+        jax.ShapeDtypeStruct((b, k), jnp.int32),
+        cache,
+    )
+    batch_sharding, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+    state = _abstract(state, lambda x: batch_sharding if x.shape else replicated)
+    fn = jax.jit(sampling.decode_step, static_argnums=0, static_argnames=("t0", "delimiter_id"))
+    return Program(
+        name, fn, (model, params, state), {"t0": t0, "delimiter_id": delimiter_id}, dict(mesh.shape), b, mesh.devices.size,
+        jnp.dtype(model.param_dtype).name,
     )
 
 

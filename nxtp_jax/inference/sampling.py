@@ -119,6 +119,39 @@ def _constrained_step(trie: Trie, logits: jax.Array, nodes: jax.Array, delimiter
     return jnp.where(alive, pick(tokens), delimiter_id), jnp.where(alive, pick(p), 1.0), jnp.where(alive, pick(nxt), END)
 
 
+def decode_steps(max_updates: int = MAX_UPDATES) -> int:
+    """The most iterations of `one_shot`'s decode loop: each feeds back one sampled token, and of the
+    max_updates - 1 sampled tokens the last is never fed back."""
+    return max_updates - 2
+
+
+def decode_step(model: Recognizer, params, state: tuple, *, t0: int, delimiter_id: int, trie: Trie | None = None) -> tuple:
+    """One iteration of `one_shot`'s decode loop (its body): feeds each branch's last token, samples the next.
+
+    state: (s, tokens, probs, done, nodes, cache), s tokens sampled so far (the step feeds token s - 1);
+    tokens, probs [B, k, sampled]; done, nodes [B, k]; the cache holds the t0 prefix slots, then k per step.
+    """
+    s, tokens, probs, done, nodes, cache = state
+    b, k, _ = tokens.shape
+    slot = jnp.arange(cache[0][0].shape[1] - t0)
+    slot_step, slot_branch = slot // k, slot % k
+    x = model.apply({"params": params}, tokens[:, :, s - 1], method=Recognizer.embed).astype(model.dtype)
+    own = (slot_branch[None, :] == jnp.arange(k)[:, None]) & (slot_step[None, :] < s)  # [k, C - T0]
+    step_mask = jnp.concatenate([jnp.ones((k, t0), bool), own], axis=1)[None, None]
+    positions = jnp.full((b, k), t0 + s - 1)
+    hidden, cache = model.apply(
+        {"params": params}, x, positions, step_mask, cache, t0 + (s - 1) * k, method=Recognizer.decode
+    )
+    if trie is None:
+        p = _next_token_probs(model, params, hidden)  # [B, k, V]
+        nxt, prob = jnp.argmax(p, axis=-1).astype(jnp.int32), jnp.max(p, axis=-1)
+    else:
+        nxt, prob, nodes = _constrained_step(trie, _next_token_logits(model, params, hidden), nodes, delimiter_id)
+    tokens = tokens.at[:, :, s].set(nxt)
+    probs = probs.at[:, :, s].set(prob)
+    return s + 1, tokens, probs, done | (nxt == delimiter_id), nodes, cache
+
+
 @functools.partial(jax.jit, static_argnames=("model", "k", "delimiter_id", "max_updates"))
 def one_shot(
     model: Recognizer,
@@ -149,7 +182,7 @@ def one_shot(
     h = prefix_embeddings(model, params, images, prompt)
     b, t0, _ = h.shape
     sampled = max_updates - 1  # tokens per branch, the top-k one included
-    fed = sampled - 1  # the last sampled token is never fed back
+    fed = decode_steps(max_updates)
     capacity = t0 + k * fed
 
     cache = init_cache(cfg.decoder, b, capacity, model.dtype)
@@ -167,31 +200,11 @@ def one_shot(
     probs = jnp.ones((b, k, sampled), jnp.float32).at[:, :, 0].set(first_probs)
     done = (first == delimiter_id) | (first < 0)
 
-    slot = jnp.arange(capacity - t0)
-    slot_step, slot_branch = slot // k, slot % k
-
     def cond(state):
         s, _, _, done, _, _ = state
         return (s < sampled) & ~jnp.all(done)
 
-    def body(state):
-        s, tokens, probs, done, nodes, cache = state  # s tokens sampled so far; feed token s-1
-        x = model.apply({"params": params}, tokens[:, :, s - 1], method=Recognizer.embed).astype(h.dtype)
-        own = (slot_branch[None, :] == jnp.arange(k)[:, None]) & (slot_step[None, :] < s)  # [k, C - T0]
-        step_mask = jnp.concatenate([jnp.ones((k, t0), bool), own], axis=1)[None, None]
-        positions = jnp.full((b, k), t0 + s - 1)
-        hidden, cache = model.apply(
-            {"params": params}, x, positions, step_mask, cache, t0 + (s - 1) * k, method=Recognizer.decode
-        )
-        if trie is None:
-            p = _next_token_probs(model, params, hidden)  # [B, k, V]
-            nxt, prob = jnp.argmax(p, axis=-1).astype(jnp.int32), jnp.max(p, axis=-1)
-        else:
-            nxt, prob, nodes = _constrained_step(trie, _next_token_logits(model, params, hidden), nodes, delimiter_id)
-        tokens = tokens.at[:, :, s].set(nxt)
-        probs = probs.at[:, :, s].set(prob)
-        return s + 1, tokens, probs, done | (nxt == delimiter_id), nodes, cache
-
+    body = functools.partial(decode_step, model, params, t0=t0, delimiter_id=delimiter_id, trie=trie)
     state = (jnp.int32(1), tokens, probs, done, nodes, cache)
     _, tokens, probs, _, _, _ = jax.lax.while_loop(cond, body, state)
     return tokens, probs

@@ -52,6 +52,25 @@ def test_demo_train_step_and_sampler_fit_v5e_2x2_and_the_printed_figures_are_the
     assert "estimate" in printed.splitlines()[1]  # the table's header names the times as estimates
 
 
+def test_sampler_flops_and_times_are_the_whole_program_plus_17_more_decode_steps(tmp_path):
+    """cost_analysis counts the decode loop's body once; a decode runs at most 18 steps (19 sampled tokens
+    per branch, sampling.MAX_UPDATES - 1, of which all but the last are fed back), so 17 steps are added."""
+    lines = []
+    config = demo_config(**{"compile.programs": "eval"})
+    assert check.run(config, tmp_path, out=lines.append) == 0
+    [row] = json.loads((tmp_path / check.REPORT_FILE).read_text())
+    program = programs.evaluate(config, devices())
+    whole = program.lower().compile(check.COMPILER_OPTIONS).cost_analysis()
+    step = program.loop_step.lower().compile(check.COMPILER_OPTIONS).cost_analysis()
+    assert 0 < step["flops"] < whole["flops"]
+    assert row["decode_steps"] == 18
+    assert row["whole_program"]["flops"] == whole["flops"] and row["decode_step"]["flops"] == step["flops"]
+    assert row["flops"] == whole["flops"] + 17 * step["flops"]
+    assert row["bytes_accessed"] == whole["bytes accessed"] + 17 * step["bytes accessed"]
+    assert row["compiler_estimate_s"] == pytest.approx(whole["optimal_seconds"] + 17 * step["optimal_seconds"], rel=1e-9)
+    assert f"eval b=8 estimate for 18 decode steps = whole program + 17 x one step: flops {row['flops']:.0f}," in "\n".join(lines)
+
+
 def test_concat_bitcast_correction_adds_back_one_second_per_call():
     """libtpu counts each ConcatBitcast custom call as -1 s. The demo's float32 sampler has such calls (its
     256 x 1024 MLP weights are copied in four slices), the tiny bfloat16 tagging sampler none."""
