@@ -16,7 +16,7 @@
   (benchmarks.train's step and FLOP count). Goal >= 100 samples/s and MFU >= 40%.
 
 Prints one table and writes it as JSON (--out). benchmarks.train's flags (--steps, --warmup,
---peak_tflops, --vocab_size) apply to the training part.
+--peak_tflops, --chip, --vocab_size) apply to the training part.
 """
 
 from __future__ import annotations

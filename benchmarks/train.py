@@ -10,6 +10,8 @@ the paper's label mask), so nothing needs downloading. FLOPs are XLA's count for
 compiled step (per device, backward and optimizer included); MFU divides them by the
 device's peak: the bf16 dense peak of known accelerators, or on CPU the fp32 matmul rate
 this script measures (so CPU MFU says how close the step gets to the machine's best GEMM).
+`--chip=v5e` (a TPU generation as `nxtp_jax/aot/topologies.py` names it) takes that chip's
+published peak instead, so a step timed elsewhere is set against the chip it is meant for.
 
 `--memory` only builds the sharded state with eval_shape and prints the bytes each device
 holds: parameters (trainable, frozen) and optimizer state.
@@ -26,6 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
+from nxtp_jax.aot import topologies
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -33,6 +36,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _MEMORY = flags.DEFINE_bool("memory", False, "Only report per-device bytes of the sharded state (eval_shape).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Fake this many CPU devices (for mesh checks on a laptop).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU; 0 = known table / measured on CPU.")
+_CHIP = flags.DEFINE_enum(
+    "chip", None, sorted([*topologies.CHIPS, *topologies.ALIASES]), "MFU against this TPU chip's published bf16 peak; default: this device's."
+)
 _VOCAB = flags.DEFINE_integer("vocab_size", 32000, "Sentencepiece vocabulary (the 2 special tokens are added).")
 
 # bf16 dense peak TFLOP/s per device, by jax device_kind prefix.
@@ -47,12 +53,16 @@ PEAK_TFLOPS = {
 }
 
 
-def peak_tflops(device) -> tuple[float, str]:
+def peak_tflops(device, chip: str | None = None, given: float = 0.0) -> tuple[float, str]:
+    """(peak TFLOP/s, where it comes from): `given`, else the `chip`'s published figure, else `device`'s."""
     import jax
     import jax.numpy as jnp
 
-    if _PEAK.value > 0:
-        return _PEAK.value, "given"
+    if given > 0:
+        return given, "given"
+    if chip is not None:
+        figures = topologies.CHIPS[topologies.ALIASES.get(chip, chip)]
+        return figures.peak_flops / 1e12, f"TPU {figures.generation} bf16 dense peak, {figures.source}"
     for prefix, tflops in PEAK_TFLOPS.items():
         if device.device_kind.startswith(prefix):
             return tflops, f"{prefix} bf16 dense peak"
@@ -175,7 +185,7 @@ def measure(config, mesh, rules, steps: int, warmup: int) -> dict:
         state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
     dt = (time.perf_counter() - t0) / steps
-    peak, source = peak_tflops(jax.devices()[0])
+    peak, source = peak_tflops(jax.devices()[0], _CHIP.value, _PEAK.value)
     return {
         "build_s": build_s,
         "tflop_per_device_step": flops / 1e12,

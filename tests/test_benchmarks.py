@@ -9,7 +9,7 @@ import re
 import pytest
 from absl import flags
 
-from benchmarks import data
+from benchmarks import data, train
 
 ARGPARSE = ("cpu", "data", "serve", "evaluation")
 ABSL = ("accelerator", "train")
@@ -40,3 +40,9 @@ def test_data_loading_measures_the_pipeline_against_the_decode_ceiling(capsys):
     rows = dict(re.findall(r"^\| (build_train_iterator, 0 worker\(s\)|PIL decode[^|]*) \| (\d+) \|", out, re.M))
     assert len(rows) == 2 and all(int(rate) > 0 for rate in rows.values()), out
     assert re.search(r"\| \d+% of one core's ceiling \|", out)
+
+
+def test_train_mfu_peak_is_the_named_chips_published_peak_with_its_source():
+    """--chip takes the target's figure (v5e: 197 bf16 TFLOP/s, Cloud's v5e page), not this host's device."""
+    assert train.peak_tflops(None, chip="v5litepod") == (197.0, "TPU v5e bf16 dense peak, https://cloud.google.com/tpu/docs/v5e")
+    assert train.peak_tflops(None, chip="v5e", given=100.0) == (100.0, "given")
