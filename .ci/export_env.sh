@@ -22,7 +22,7 @@ TORCH="${NXTP_TORCH:-torch==2.13.0}"
 
 [ -x "$EXPORT_VENV/bin/python" ] || "$PYTHON" -m venv "$EXPORT_VENV"
 "$EXPORT_VENV/bin/pip" install -q "$TORCH"
-"$EXPORT_VENV/bin/pip" install -q -e "$ROOT[onnx,savedmodel,convert]" pytest
+"$EXPORT_VENV/bin/pip" install -q -e "$ROOT[onnx,savedmodel,convert]" pytest pytest-xdist
 "$EXPORT_VENV/bin/pip" check
 
 [ -x "$ORT_VENV/bin/python" ] || "$PYTHON" -m venv "$ORT_VENV"
@@ -36,5 +36,5 @@ TORCH="${NXTP_TORCH:-torch==2.13.0}"
 if [ "${1:-}" = "test" ]; then
     cd "$ROOT"
     NXTP_ORT_PYTHON="$ORT_VENV/bin/python" JAX_PLATFORMS=cpu \
-        "$EXPORT_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/export
+        "$EXPORT_VENV/bin/python" -m pytest -q -p no:cacheprovider -n 0 tests/export
 fi

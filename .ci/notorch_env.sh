@@ -24,5 +24,5 @@ fi
 
 if [ "${1:-}" = "test" ]; then
     cd "$ROOT"
-    NXTP_NOTORCH_PYTHON="$VENV/bin/python" JAX_PLATFORMS=cpu python -m pytest -q -p no:cacheprovider tests/pretrained/test_notorch.py
+    NXTP_NOTORCH_PYTHON="$VENV/bin/python" JAX_PLATFORMS=cpu python -m pytest -q -p no:cacheprovider -n 0 tests/pretrained/test_notorch.py
 fi
