@@ -44,3 +44,14 @@ def test_fuzz_script_run_stays_under_a_memory_cap():
     assert summary, proc.stdout
     cases, hangs, undocumented, peak = map(int, summary.groups())
     assert (cases, hangs, undocumented) == (100, 0, 0) and peak < cap_mb
+
+
+def test_the_reported_peak_is_the_scripts_own_not_its_parents():
+    """getrusage's ru_maxrss survives exec: a child of a 1 GiB parent would report over 1 GiB."""
+    parent = bytearray(1 << 30)  # zero-filled on allocation: resident
+    child = subprocess.run(
+        [sys.executable, "-c", "from scripts.fuzz_data import peak_rss_mb; print(peak_rss_mb())"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    )
+    del parent
+    assert 0 < float(child.stdout) < 1024
