@@ -16,7 +16,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / 
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import collections  # noqa: E402
 import inspect  # noqa: E402
 import re  # noqa: E402
 
@@ -130,10 +129,6 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(marker)
         if _starts_processes(item):
             item.add_marker("subprocess")
-    # Files with the most slow tests first: xdist hands out files in this order, so the heavy ones
-    # (training/, last by name) no longer run on one worker while the other idles.
-    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])
 
 
 LABEL_WORDS = (
