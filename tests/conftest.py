@@ -7,7 +7,9 @@ import os
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM at -O0 for XLA:CPU: the tests' programs are small and compiled once each, so codegen time
+# dominates; XLA's own passes (fusion, layout, buffer assignment) and float semantics are the same.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the tests and their subprocesses: a rerun loads each
 # executable instead of compiling it (tests/test_compilation_cache.py checks a hit computes
