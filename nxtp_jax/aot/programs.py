@@ -19,7 +19,6 @@ from ml_collections import config_dict
 from nxtp_jax import checkpoint, experiment, prompts, sharding
 from nxtp_jax.inference import sampling
 from nxtp_jax.inference.tagger import default_dtype
-from nxtp_jax.models.llama import init_cache
 from nxtp_jax.models.recognizer import Recognizer
 from nxtp_jax.params import ALL_ROWS
 from nxtp_jax.tokenizer import SPECIAL_TOKENS
@@ -112,16 +111,8 @@ def _decode_step(name: str, model: Recognizer, params, images, prompt, mesh, *, 
     """`sampling.decode_step`, the body of `one_shot`'s decode loop, on the loop state that `one_shot` builds for
     these images, prompt and k: the batch dimension over the mesh's batch axes, as the images."""
     b, t0, _ = jax.eval_shape(functools.partial(sampling.prefix_embeddings, model), params, images, prompt).shape
-    sampled = sampling.MAX_UPDATES - 1
-    cache = jax.eval_shape(lambda: init_cache(model.config.decoder, b, t0 + k * sampling.decode_steps(), model.dtype))
-    state = (
-        jax.ShapeDtypeStruct((), jnp.int32),
-        jax.ShapeDtypeStruct((b, k, sampled), jnp.int32),
-        jax.ShapeDtypeStruct((b, k, sampled), jnp.float32),
-        jax.ShapeDtypeStruct((b, k), jnp.bool_),
-        jax.ShapeDtypeStruct((b, k), jnp.int32),
-        cache,
-    )
+    first = functools.partial(sampling.first_state, model, k=k, delimiter_id=delimiter_id)
+    state = jax.eval_shape(first, params, images, prompt)
     batch_sharding, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
     state = _abstract(state, lambda x: batch_sharding if x.shape else replicated)
     fn = jax.jit(sampling.decode_step, static_argnums=0, static_argnames=("t0", "delimiter_id"))

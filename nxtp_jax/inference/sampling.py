@@ -152,6 +152,35 @@ def decode_step(model: Recognizer, params, state: tuple, *, t0: int, delimiter_i
     return s + 1, tokens, probs, done | (nxt == delimiter_id), nodes, cache
 
 
+def first_state(
+    model: Recognizer, params, images, prompt, *, k: int, delimiter_id: int, max_updates: int = MAX_UPDATES, trie: Trie | None = None
+) -> tuple:
+    """The prefix pass and the top-k step of `one_shot`: the state its decode loop (`decode_step`) starts from."""
+    cfg = model.config
+    n = cfg.vision.num_patches
+    h = prefix_embeddings(model, params, images, prompt)
+    b, t0, _ = h.shape
+    sampled = max_updates - 1  # tokens per branch, the top-k one included
+    fed = decode_steps(max_updates)
+    capacity = t0 + k * fed
+
+    cache = init_cache(cfg.decoder, b, capacity, model.dtype)
+    prefix = jnp.pad(masks.prefix_mask(n, t0), ((0, 0), (0, 0), (0, 0), (0, capacity - t0)))
+    hidden, cache = model.apply(
+        {"params": params}, h, jnp.arange(t0)[None], prefix, cache, 0, method=Recognizer.decode
+    )
+    if trie is None:
+        first_probs, first = jax.lax.top_k(_next_token_probs(model, params, hidden[:, -1]), k)  # [B, k]
+        nodes = jnp.zeros((b, k), jnp.int32)  # unused
+    else:
+        first, first_probs, nodes = _constrained_first(trie, _next_token_logits(model, params, hidden[:, -1]), k)
+
+    tokens = jnp.full((b, k, sampled), -1, jnp.int32).at[:, :, 0].set(first)
+    probs = jnp.ones((b, k, sampled), jnp.float32).at[:, :, 0].set(first_probs)
+    done = (first == delimiter_id) | (first < 0)
+    return jnp.int32(1), tokens, probs, done, nodes, cache
+
+
 @functools.partial(jax.jit, static_argnames=("model", "k", "delimiter_id", "max_updates"))
 def one_shot(
     model: Recognizer,
@@ -177,35 +206,15 @@ def one_shot(
       a branch whose first token is -1 does not exist (the vocabulary has fewer than k
       first tokens).
     """
-    cfg = model.config
-    n = cfg.vision.num_patches
-    h = prefix_embeddings(model, params, images, prompt)
-    b, t0, _ = h.shape
-    sampled = max_updates - 1  # tokens per branch, the top-k one included
-    fed = decode_steps(max_updates)
-    capacity = t0 + k * fed
-
-    cache = init_cache(cfg.decoder, b, capacity, model.dtype)
-    prefix = jnp.pad(masks.prefix_mask(n, t0), ((0, 0), (0, 0), (0, 0), (0, capacity - t0)))
-    hidden, cache = model.apply(
-        {"params": params}, h, jnp.arange(t0)[None], prefix, cache, 0, method=Recognizer.decode
-    )
-    if trie is None:
-        first_probs, first = jax.lax.top_k(_next_token_probs(model, params, hidden[:, -1]), k)  # [B, k]
-        nodes = jnp.zeros((b, k), jnp.int32)  # unused
-    else:
-        first, first_probs, nodes = _constrained_first(trie, _next_token_logits(model, params, hidden[:, -1]), k)
-
-    tokens = jnp.full((b, k, sampled), -1, jnp.int32).at[:, :, 0].set(first)
-    probs = jnp.ones((b, k, sampled), jnp.float32).at[:, :, 0].set(first_probs)
-    done = (first == delimiter_id) | (first < 0)
+    state = first_state(model, params, images, prompt, k=k, delimiter_id=delimiter_id, max_updates=max_updates, trie=trie)
+    sampled = max_updates - 1
+    t0 = state[-1][0][0].shape[1] - k * decode_steps(max_updates)  # the prefix's slots of the cache
 
     def cond(state):
         s, _, _, done, _, _ = state
         return (s < sampled) & ~jnp.all(done)
 
     body = functools.partial(decode_step, model, params, t0=t0, delimiter_id=delimiter_id, trie=trie)
-    state = (jnp.int32(1), tokens, probs, done, nodes, cache)
     _, tokens, probs, _, _, _ = jax.lax.while_loop(cond, body, state)
     return tokens, probs
 
