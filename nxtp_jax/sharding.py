@@ -74,11 +74,30 @@ def check_rules(logical_specs: Any, rules: Sequence[tuple[str, Any]]) -> None:
         raise ValueError(f"no sharding rule for logical axes {sorted(missing)}; add them to the config's logical_axis_rules")
 
 
+def check_divisible(abstract_variables: Any, logical_specs: Any, shardings: Any) -> None:
+    """Every sharded dimension splits evenly over its mesh axes (jit's in/out shardings require it);
+    the error names the parameter, its size and logical axis, and the mesh axes that do not divide it."""
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_variables))
+    specs = jax.tree_util.tree_leaves(logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for (path, leaf), logical, named in zip(leaves, specs, jax.tree_util.tree_leaves(shardings)):
+        for dim, (size, axes) in enumerate(zip(leaf.shape, named.spec)):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([named.mesh.shape[a] for a in axes]))
+            if size % ways:
+                name = jax.tree_util.keystr(path, simple=True, separator="/")
+                raise ValueError(
+                    f"{name} has {size} along {logical[dim]!r}, which mesh axes {axes} "
+                    f"({ways} devices) do not divide; choose mesh sizes that divide it"
+                )
+
+
 def param_shardings(abstract_variables: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for the (unboxed) variables that `abstract_variables` (boxed, from eval_shape) describes."""
     specs = nn.get_partition_spec(abstract_variables)
     check_rules(specs, rules)
-    return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
+    check_divisible(abstract_variables, specs, shardings)
+    return shardings
 
 
 def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:

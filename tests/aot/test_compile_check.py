@@ -118,4 +118,4 @@ def test_mesh_search_ranks_the_meshes_that_fit_by_estimated_step(tmp_path):
     assert meshes == [(1, 2, 2), (2, 1, 2)]
     assert [r["rank"] for r in report] == [1, 2]
     assert report[0]["estimated_step_s"] <= report[1]["estimated_step_s"]
-    assert any(line.startswith("mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: not compiled") for line in lines)
+    assert any(line.startswith("mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: not compiled, ") and "has 302 along 'vocab'" in line for line in lines)

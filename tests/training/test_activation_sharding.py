@@ -1,5 +1,6 @@
 """Activation constraints, scan over blocks, and what the sharded train step compiles to on 8 CPU devices."""
 
+import dataclasses
 import re
 
 import jax
@@ -106,6 +107,16 @@ def test_an_activation_axis_without_a_rule_is_an_error():
     model = Recognizer(CONFIG, activations=Activations(mesh, rules))
     with pytest.raises(ValueError, match=r"no sharding rule for logical axes \['length'\]"):
         jax.jit(lambda p: model.apply({"params": p}, images, tokens, m)).lower(params)
+
+
+def test_a_tensor_axis_that_does_not_divide_the_vocabulary_is_named_before_anything_compiles():
+    """The released models' 32002-entry vocabulary splits over tensor = 2 but not 4; here 402 does the same."""
+    odd = dataclasses.replace(CONFIG, decoder=dataclasses.replace(CONFIG.decoder, vocab_size=402))
+    init_params(Recognizer(odd), jax.random.key(0), sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:4]))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    message = r"params/language_decoder/output/kernel has 402 along 'vocab', which mesh axes \('tensor',\) \(4 devices\) do not divide"
+    with pytest.raises(ValueError, match=message):
+        init_params(Recognizer(odd), jax.random.key(0), mesh)
 
 
 def param_counts(c: ModelConfig) -> tuple[int, int]:
