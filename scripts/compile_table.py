@@ -59,7 +59,7 @@ def summary(label: str, report: list[dict]) -> str:
     (b,), (r,) = best, largest
     fit = sum(t["fits"] for t in tried)
     return (
-        f"| {label} | {_mesh(b)}: {b['estimated_step_s']:.3f} at {b['global_batch']} ({fit} of {len(tried)} meshes fit) "
+        f"| {label} | {_mesh(b)}: {b['estimated_step_s']:.3f} at {b['global_batch']} ({fit} of {len(tried)} compiled fit) "
         f"| {r['batch_per_chip']:g} ({r['global_batch']}), {_mesh(r)} | {r['peak_bytes_per_chip'] / GiB:.2f} ({_of(r):.2f}) "
         f"| {r['estimated_step_s']:.3f} | {r['samples_per_s_bound']:.0f} | {r['mfu_bound']:.2f} |"
     )

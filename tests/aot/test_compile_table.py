@@ -36,7 +36,7 @@ def test_summary_row_names_the_top_ranked_mesh_and_the_largest_batch_that_fits(t
     proc = table(tmp_path, "--summary", f"g3m, v4-8={tmp_path / 'm.json'},{tmp_path / 'b.json'}")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[2] == (
-        "| g3m, v4-8 | 1, 4, 1: 2.000 at 512 (2 of 3 meshes fit) | 160 (640), 1, 4, 1 | 20.00 (32.00) | 2.560 | 250 | 0.50 |"
+        "| g3m, v4-8 | 1, 4, 1: 2.000 at 512 (2 of 3 compiled fit) | 160 (640), 1, 4, 1 | 20.00 (32.00) | 2.560 | 250 | 0.50 |"
     )
 
 
