@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from nxtp_jax.configs.base import LOGICAL_AXIS_RULES  # their one home: the experiment config
@@ -24,7 +25,8 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
     """The one (data, fsdp, tensor) mesh constructor. `shape` sizes may use -1 once for "all remaining devices".
 
     `jax.make_mesh` lays the axes out along the hardware topology (TPU torus, NVLink
-    islands). Axes are Auto: sharding constraints apply and XLA propagates the rest.
+    islands); over several TPU slices data (else fsdp) spans the slices. Axes are Auto:
+    sharding constraints apply and XLA propagates the rest.
     """
     devices = list(devices if devices is not None else jax.devices())
     sizes = dict(data=-1, fsdp=1, tensor=1) if shape is None else {a: int(shape.get(a, 1)) for a in MESH_AXES}
@@ -34,9 +36,18 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
     sizes = {a: (len(devices) // known if s == -1 else s) for a, s in sizes.items()}
     if int(np.prod(list(sizes.values()))) != len(devices):
         raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, found {len(devices)}")
-    return jax.make_mesh(
-        tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=axis_types, devices=devices)
+    # Several TPU slices talk over the data-center network: one axis (data, else fsdp) spans them,
+    # the rest stays inside a slice, as MaxText's DCN parallelism does.
+    across = next((a for a in ("data", "fsdp") if sizes[a] % slices == 0), None)
+    if across is None:
+        raise ValueError(f"mesh {sizes} over {slices} slices: data or fsdp must be a multiple of {slices}")
+    dcn = tuple(slices if a == across else 1 for a in MESH_AXES)
+    ici = tuple(sizes[a] // n for a, n in zip(MESH_AXES, dcn))
+    return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices), MESH_AXES, axis_types=axis_types)
 
 
 def local_mesh(fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:

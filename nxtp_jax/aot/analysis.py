@@ -8,13 +8,16 @@ loop, whose body cost_analysis counts once, is estimated from its body compiled 
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Any
 
 from nxtp_jax.aot.topologies import Chip
 
-# libtpu 0.0.42's cost model counts each ConcatBitcast custom call as -1 s.
-CONCAT_BITCAST = re.compile(r'custom_call_target="ConcatBitcast"')
+# libtpu 0.0.42's cost model counts each of these custom calls as -1 s: ConcatBitcast (v5e and v4 programs)
+# and ZeroCrop (programs over several slices).
+MINUS_ONE_SECOND_CALLS = ("ConcatBitcast", "ZeroCrop")
+_MINUS_ONE_SECOND = re.compile(r'custom_call_target="(' + "|".join(MINUS_ONE_SECOND_CALLS) + ')"')
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
@@ -42,13 +45,15 @@ def memory(compiled) -> dict[str, int]:
     }
 
 
-def concat_bitcasts(hlo_text: str) -> int:
-    return len(CONCAT_BITCAST.findall(hlo_text))
+def minus_one_second_calls(hlo_text: str) -> dict[str, int]:
+    """How many of each custom call that the cost model counts as -1 s the module has."""
+    found = collections.Counter(_MINUS_ONE_SECOND.findall(hlo_text))
+    return {name: found[name] for name in MINUS_ONE_SECOND_CALLS}
 
 
 def corrected_optimal_seconds(raw: float, hlo_text: str) -> float:
-    """The compiler's optimal_seconds with the -1 s of each ConcatBitcast custom call taken back."""
-    return raw + concat_bitcasts(hlo_text)
+    """The compiler's optimal_seconds with the -1 s of each such custom call taken back."""
+    return raw + sum(minus_one_second_calls(hlo_text).values())
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -80,7 +85,7 @@ def counts(compiled) -> dict[str, Any]:
         "flops": float(c.get("flops", 0.0)),
         "bytes_accessed": float(c.get("bytes accessed", 0.0)),
         "optimal_seconds_raw": raw,
-        "concat_bitcasts": concat_bitcasts(text),
+        "minus_one_second_calls": minus_one_second_calls(text),
         "compiler_estimate_s": corrected_optimal_seconds(raw, text),
     }
 

@@ -242,9 +242,10 @@ def _num(x: Any, fmt: str) -> str:
 
 
 def _costs(c: dict[str, Any]) -> str:
+    calls = " and ".join(f"{n} {name}" for name, n in c["minus_one_second_calls"].items())
     return (
         f"flops {c['flops']:.0f}, bytes accessed {c['bytes_accessed']:.0f}, optimal_seconds {c['optimal_seconds_raw']!r} "
-        f"(raw; +1 s for each of {c['concat_bitcasts']} ConcatBitcast calls = {c['compiler_estimate_s']:.6g} s, an estimate)"
+        f"(raw; +1 s for each of {calls} calls = {c['compiler_estimate_s']:.6g} s, an estimate)"
     )
 
 

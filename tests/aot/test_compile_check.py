@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason='compiling for a TPU needs libtpu: pip install -e ".[tpu]"')
 
+from nxtp_jax import experiment, sharding  # noqa: E402
 from nxtp_jax.aot import analysis, check, programs, topologies  # noqa: E402
 from nxtp_jax.cli import main as main_cli  # noqa: E402
 from nxtp_jax.configs import demo  # noqa: E402
@@ -71,7 +72,7 @@ def test_sampler_flops_and_times_are_the_whole_program_plus_17_more_decode_steps
     assert f"eval b=8 estimate for 18 decode steps = whole program + 17 x one step: flops {row['flops']:.0f}," in "\n".join(lines)
 
 
-def test_concat_bitcast_correction_adds_back_one_second_per_call():
+def test_cost_model_correction_adds_back_one_second_per_concat_bitcast_call():
     """libtpu counts each ConcatBitcast custom call as -1 s. The demo's float32 sampler has such calls (its
     256 x 1024 MLP weights are copied in four slices), the tiny bfloat16 tagging sampler none."""
     one_chip = check.tpu_devices(topologies.parse("v5e-1"), 1)
@@ -86,6 +87,24 @@ def test_concat_bitcast_correction_adds_back_one_second_per_call():
     raw, text = without.cost_analysis()["optimal_seconds"], without.as_text()
     assert 'custom_call_target="ConcatBitcast"' not in text and raw > 0
     assert analysis.corrected_optimal_seconds(raw, text) == raw
+
+
+def test_two_slices_put_data_across_them_and_each_zero_crop_call_is_added_back(tmp_path):
+    """v5e:2x2 x 2 slices: the demo's data axis (8) spans the slices, 4 chips inside each; the program's
+    ZeroCrop custom calls (multi-slice only) count -1 s each in libtpu's cost model."""
+    config = demo_config(**{"compile.programs": "train", "compile.num_slices": 2})
+    two = check.tpu_devices(topologies.parse(TOPOLOGY), 2)
+    mesh = experiment.make_mesh(config, two)
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert [d.slice_index for d in mesh.devices[:, 0, 0]] == [0, 0, 0, 0, 1, 1, 1, 1]
+    compiled = programs.train(config, two).lower().compile(check.COMPILER_OPTIONS)
+    raw, text = compiled.cost_analysis()["optimal_seconds"], compiled.as_text()
+    calls = text.count('custom_call_target="ZeroCrop"')
+    assert calls > 0 and raw < 0
+    assert analysis.corrected_optimal_seconds(raw, text) == raw + calls
+    assert 0 < analysis.corrected_optimal_seconds(raw, text) < 1e-3
+    with pytest.raises(ValueError, match="over 2 slices: data or fsdp must be a multiple of 2"):
+        sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 8}, two)
 
 
 def test_too_large_batch_prints_one_line_naming_required_and_available_and_exits_1(tmp_path, capsys):
