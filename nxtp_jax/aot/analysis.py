@@ -14,9 +14,9 @@ from typing import Any
 
 from nxtp_jax.aot.topologies import Chip
 
-# libtpu 0.0.42's cost model counts each of these custom calls as -1 s: ConcatBitcast (v5e and v4 programs)
-# and ZeroCrop (programs over several slices).
-MINUS_ONE_SECOND_CALLS = ("ConcatBitcast", "ZeroCrop")
+# libtpu 0.0.42's cost model counts each of these custom calls as -1 s: ConcatBitcast (v5e and v4 programs),
+# ZeroCrop and SliceId (programs over several slices).
+MINUS_ONE_SECOND_CALLS = ("ConcatBitcast", "ZeroCrop", "SliceId")
 _MINUS_ONE_SECOND = re.compile(r'custom_call_target="(' + "|".join(MINUS_ONE_SECOND_CALLS) + ')"')
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -107,8 +107,10 @@ def cost(compiled, chip: Chip, global_batch: int, loop_step=None, loop_steps: in
             estimate_of="flops, bytes_accessed, compiler_estimate_s = whole_program + (decode_steps - 1) x decode_step",
         )
     flops, accessed, compiler_s = out["flops"], out["bytes_accessed"], out["compiler_estimate_s"]
+    if compiler_s < 0:  # still below zero: a custom call the correction does not know; the figure is unusable
+        out["compiler_estimate_s"] = compiler_s = None
     roofline_s = max(flops / chip.peak_flops, accessed / chip.hbm_bandwidth)
-    step_s = max(compiler_s, roofline_s)  # both are lower bounds on the step time: the larger is the tighter
+    step_s = max(compiler_s or 0.0, roofline_s)  # both are lower bounds on the step time: the larger is the tighter
     return {
         **out,
         "roofline_estimate_s": roofline_s,

@@ -3,7 +3,11 @@
 import json
 import re
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 pytest.importorskip("libtpu", reason='compiling for a TPU needs libtpu: pip install -e ".[tpu]"')
 
@@ -105,6 +109,40 @@ def test_two_slices_put_data_across_them_and_each_zero_crop_call_is_added_back(t
     assert 0 < analysis.corrected_optimal_seconds(raw, text) < 1e-3
     with pytest.raises(ValueError, match="over 2 slices: data or fsdp must be a multiple of 2"):
         sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 8}, two)
+
+
+def test_each_slice_id_call_is_added_back():
+    """A program that reads its index along a mesh axis spanning two slices has one SliceId custom call,
+    which libtpu's cost model counts as -1 s; the program itself costs next to nothing."""
+    mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1}, check.tpu_devices(topologies.parse(TOPOLOGY), 2))
+    scale = jax.shard_map(lambda x: x * jax.lax.axis_index("data").astype(x.dtype), mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    x = jax.ShapeDtypeStruct((8, 1024), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+    compiled = jax.jit(scale).lower(x).compile()
+    raw, text = compiled.cost_analysis()["optimal_seconds"], compiled.as_text()
+    assert text.count('custom_call_target="SliceId"') == 1 and raw < -0.99
+    assert 0 <= analysis.corrected_optimal_seconds(raw, text) < 1e-3
+
+
+class _Compiled:
+    """cost_analysis() and as_text() of a compiled program, as given."""
+
+    def __init__(self, optimal_seconds):
+        self.costs = {"flops": 2e12, "bytes accessed": 1e9, "optimal_seconds": optimal_seconds}
+
+    def cost_analysis(self):
+        return self.costs
+
+    def as_text(self):
+        return ""
+
+
+def test_a_compiler_estimate_below_zero_after_the_correction_is_not_used():
+    chip = topologies.CHIPS["v5e"]
+    roofline = max(2e12 / chip.peak_flops, 1e9 / chip.hbm_bandwidth)
+    negative = analysis.cost(_Compiled(-0.5), chip, global_batch=4)
+    assert negative["compiler_estimate_s"] is None and negative["estimated_step_s"] == roofline
+    positive = analysis.cost(_Compiled(1.0), chip, global_batch=4)
+    assert positive["compiler_estimate_s"] == 1.0 == positive["estimated_step_s"]
 
 
 def test_too_large_batch_prints_one_line_naming_required_and_available_and_exits_1(tmp_path, capsys):
