@@ -86,7 +86,7 @@ def counts(compiled) -> dict[str, Any]:
         "bytes_accessed": float(c.get("bytes accessed", 0.0)),
         "optimal_seconds_raw": raw,
         "minus_one_second_calls": minus_one_second_calls(text),
-        "compiler_estimate_s": corrected_optimal_seconds(raw, text),
+        "optimal_seconds_corrected": corrected_optimal_seconds(raw, text),
     }
 
 
@@ -101,18 +101,19 @@ def cost(compiled, chip: Chip, global_batch: int, loop_step=None, loop_steps: in
     out: dict[str, Any] = dict(whole)
     if loop_step is not None:
         step = counts(loop_step)
-        out = {key: whole[key] + (loop_steps - 1) * step[key] for key in ("flops", "bytes_accessed", "compiler_estimate_s")}
+        summed = ("flops", "bytes_accessed", "optimal_seconds_corrected")
+        out = {key: whole[key] + (loop_steps - 1) * step[key] for key in summed}
         out.update(
             whole_program=whole, decode_step=step, decode_steps=loop_steps,
-            estimate_of="flops, bytes_accessed, compiler_estimate_s = whole_program + (decode_steps - 1) x decode_step",
+            estimate_of=f"{', '.join(summed)} = whole_program + (decode_steps - 1) x decode_step",
         )
-    flops, accessed, compiler_s = out["flops"], out["bytes_accessed"], out["compiler_estimate_s"]
-    if compiler_s < 0:  # still below zero: a custom call the correction does not know; the figure is unusable
-        out["compiler_estimate_s"] = compiler_s = None
+    flops, accessed, corrected = out["flops"], out["bytes_accessed"], out["optimal_seconds_corrected"]
+    compiler_s = corrected if corrected >= 0 else None  # below zero: a custom call the correction does not know
     roofline_s = max(flops / chip.peak_flops, accessed / chip.hbm_bandwidth)
     step_s = max(compiler_s or 0.0, roofline_s)  # both are lower bounds on the step time: the larger is the tighter
     return {
         **out,
+        "compiler_estimate_s": compiler_s,
         "roofline_estimate_s": roofline_s,
         "estimated_step_s": step_s,
         "samples_per_s_bound": global_batch / step_s if step_s > 0 else None,
